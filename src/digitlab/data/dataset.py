@@ -1,0 +1,75 @@
+"""The one in-memory form every data source produces: uint8 images, optional int64 labels.
+
+A fingerprint (sha256 of pixels + labels) identifies the data in run metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from digitlab.errors import DigitlabError
+
+IMAGE_SIDE = 28
+NUM_CLASSES = 10
+
+
+def fingerprint(images: np.ndarray, labels: np.ndarray | None) -> str:
+    """Short content hash: equal arrays give equal fingerprints whatever their source format."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
+    if labels is not None:
+        h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class DigitData:
+    """Images `(N, 28, 28)` uint8 (0 = background), labels `(N,)` int64 in 0..9 or None."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    source: str
+    _fingerprint: str | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 3 or self.images.shape[1:] != (
+            IMAGE_SIDE,
+            IMAGE_SIDE,
+        ):
+            raise DigitlabError(
+                f"{self.source}: images must be uint8 (N, 28, 28), got {self.images.dtype} "
+                f"{self.images.shape}"
+            )
+        if self.labels is not None:
+            if self.labels.shape != (len(self.images),):
+                raise DigitlabError(
+                    f"{self.source}: {len(self.images)} images but labels of shape "
+                    f"{self.labels.shape}"
+                )
+            if self.labels.dtype != np.int64:
+                object.__setattr__(self, "labels", self.labels.astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def has_labels(self) -> bool:
+        return self.labels is not None
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            object.__setattr__(self, "_fingerprint", fingerprint(self.images, self.labels))
+        return self._fingerprint  # type: ignore[return-value]
+
+    def subset(self, index: np.ndarray, source: str | None = None) -> DigitData:
+        labels = None if self.labels is None else self.labels[index]
+        return DigitData(self.images[index], labels, source or f"{self.source}[subset]")
+
+    def class_counts(self) -> np.ndarray:
+        if self.labels is None:
+            raise DigitlabError(f"{self.source}: has no labels")
+        return np.bincount(self.labels, minlength=NUM_CLASSES)

