@@ -65,12 +65,21 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                         help="kaggle only: write test.csv form (pixels only) even if labelled")
     export.set_defaults(handler=_run_data_export)
 
-    download = data_sub.add_parser("download", help="fetch the four official MNIST files, "
-                                   "verified against pinned sha256 sums")
+    download = data_sub.add_parser(
+        "download", help="fetch the four official MNIST files, verified against pinned checksums",
+        description="Fetch train-images, train-labels, t10k-images and t10k-labels (IDX, .gz) "
+        "from the first mirror that has a valid copy. Files already present and valid are kept; "
+        "nothing gets its final name before it is verified.",
+        epilog="Mirrors are tried in order: each --mirror, then the comma-separated list in "
+        "$DIGITLAB_MNIST_MIRRORS if set, else the built-in ones (ossci-datasets S3, "
+        "cvdf-datasets GCS, yann.lecun.com).",
+    )
     download.add_argument("--dir", type=Path, default=None,
-                          help="where to put them (default: the digitlab cache, $DIGITLAB_HOME/idx)")
+                          help="folder to put them in (default: $DIGITLAB_HOME/idx, else "
+                          "~/.cache/digitlab/idx)")
     download.add_argument("--mirror", action="append", default=None, metavar="URL",
-                          help="base URL to try before the built-in mirrors (repeatable)")
+                          help="base URL (http, https, file) or local folder holding the four "
+                          ".gz files, tried before the others (repeatable)")
     download.set_defaults(handler=_run_data_download)
 
 
@@ -128,9 +137,128 @@ def _run_data_download(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- training
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from digitlab.presets import DEFAULT_PRESET, list_presets
+
+    train = sub.add_parser(
+        "train",
+        help="train a model (default: the quick preset on built-in MNIST)",
+        description="Train a preset into a run folder (config.json, metrics.jsonl, model.safetensors + "
+        "model.json, checkpoint.safetensors). Flags override single fields of the preset. Ctrl-C saves "
+        "the state and prints the command that resumes it.",
+    )
+    train.add_argument("--preset", default=None,
+                       help=f"training recipe: {', '.join(list_presets())} (default: {DEFAULT_PRESET})")
+    train.add_argument("--data", default=None, help=SOURCE_HELP + " (default: mnist:train)")
+    train.add_argument("--val-data", default=None, help="a separate labelled source to validate on, "
+                       "instead of a split of --data")
+    train.add_argument("--val-split", type=float, default=None,
+                       help="fraction of --data held out for validation, stratified (seed2017: 0.2)")
+    train.add_argument("--epochs", type=_positive_int, default=None, help="passes over the training data")
+    train.add_argument("--batch-size", type=_positive_int, default=None, help="images per optimizer step")
+    train.add_argument("--lr", type=float, default=None, help="(peak) learning rate")
+    train.add_argument("--optimizer", default=None, choices=["rmsprop", "adam", "adamw", "sgd"],
+                       help="optimizer (sgd uses Nesterov momentum)")
+    train.add_argument("--schedule", default=None, choices=["constant", "onecycle", "cosine", "exponential"],
+                       help="learning-rate schedule")
+    train.add_argument("--label-smoothing", type=float, default=None, help="label smoothing in [0, 1)")
+    train.add_argument("--seed", type=int, default=None, help="seed for init, split, shuffling and "
+                       "augmentation (default: 0)")
+    train.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
+                       help="auto picks bf16 where the CPU has native bf16 (AVX512-BF16/AMX) or on GPU")
+    train.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "mps"],
+                       help="where to train (default: auto)")
+    train.add_argument("--out", type=Path, default=None, help="run folder (default: runs/PRESET-TIMESTAMP)")
+    train.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                       help="continue an interrupted run from its last saved state")
+    train.add_argument("--quiet", action="store_true", help="print only the last epoch's line")
+    train.set_defaults(handler=_run_train)
+
+
+_TRAIN_OVERRIDES = ("data", "val_data", "val_split", "epochs", "batch_size", "lr", "optimizer", "schedule",
+                    "label_smoothing", "seed", "precision", "device")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from digitlab.presets import DEFAULT_PRESET, get_preset
+    from digitlab.progress import TrainingProgress
+    from digitlab.train import TrainingInterrupted, fit
+
+    overrides = {name: getattr(args, name) for name in _TRAIN_OVERRIDES}
+    if args.resume is not None:
+        given = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None]
+        if given or args.preset or args.out:
+            raise DigitlabError(f"--resume continues the run with its own settings; drop {', '.join(given or ['--preset/--out'])}")
+        config = None
+    else:
+        config = get_preset(args.preset or DEFAULT_PRESET).with_overrides(**overrides)
+    progress = TrainingProgress(quiet=args.quiet)
+    try:
+        result = fit(config, out_dir=args.out, resume=args.resume, callbacks=[progress])  # type: ignore[arg-type]
+    except TrainingInterrupted as stop:
+        print(f"\ninterrupted: state saved at epoch {stop.epoch}, step {stop.step}.", file=sys.stderr)
+        print(f"resume with: {stop.resume_command}", file=sys.stderr)
+        return 130
+    final = result.final
+    if "val_acc" in final:
+        print(f"validation accuracy {100 * final['val_acc']:.2f}%  ({result.run_dir})")
+    return 0
+
+
+def _add_summary(sub: argparse._SubParsersAction) -> None:
+    summary = sub.add_parser("summary", help="Keras-style table of a model's layers and parameters")
+    summary.add_argument("target", help="a model preset name (e.g. seed2017) or a run folder")
+    summary.set_defaults(handler=_run_summary)
+
+
+def _run_summary(args: argparse.Namespace) -> int:
+    from digitlab.checkpoint import load_model
+    from digitlab.models import create_model, summary_text
+
+    if Path(args.target).is_dir():
+        model, meta = load_model(args.target)
+        title = f"{args.target}: preset {meta['preset']}, model {meta['model']}"
+    else:
+        model, title = create_model(args.target), f"model {args.target}"
+    print(summary_text(model, title))
+    return 0
+
+
+def _add_augment_preview(sub: argparse._SubParsersAction) -> None:
+    from digitlab.presets import list_presets
+
+    preview = sub.add_parser("augment-preview", help="PNG grid of original digits beside augmented copies")
+    preview.add_argument("--preset", default="seed2017", help=f"whose augmentation: {', '.join(list_presets())}")
+    preview.add_argument("--data", default="mnist:test", help=SOURCE_HELP + " (default: mnist:test)")
+    preview.add_argument("--n", type=_positive_int, default=8, help="how many digits (rows)")
+    preview.add_argument("--copies", type=_positive_int, default=5, help="augmented copies per digit")
+    preview.add_argument("--seed", type=int, default=0, help="augmentation seed")
+    preview.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    preview.set_defaults(handler=_run_augment_preview)
+
+
+def _run_augment_preview(args: argparse.Namespace) -> int:
+    from digitlab.data import load_source
+    from digitlab.presets import get_preset
+    from digitlab.report import save_augment_preview
+
+    out = save_augment_preview(load_source(args.data), get_preset(args.preset).augment, args.out,
+                               n=args.n, copies=args.copies, seed=args.seed)
+    print(f"wrote {out}")
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_data]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_data,
+    _add_train,
+    _add_summary,
+    _add_augment_preview,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

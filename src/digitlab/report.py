@@ -10,6 +10,9 @@ matplotlib.use("Agg")  # no display here or on CI; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+import torch  # noqa: E402
+
+from digitlab.augment import AugmentConfig, augment_batch  # noqa: E402
 from digitlab.data.dataset import DigitData  # noqa: E402
 
 
@@ -43,3 +46,30 @@ def save_figure(fig, path: str | Path) -> Path:
 
 def save_sample_grid(data: DigitData, path: str | Path, n: int = 10, seed: int | None = None) -> Path:
     return save_figure(sample_grid_figure(data, n=n, seed=seed), path)
+
+
+def augment_preview_figure(data: DigitData, config: AugmentConfig, n: int = 8, copies: int = 5, seed: int = 0):
+    """Each row: an original digit, then `copies` augmented versions of it."""
+    n = min(n, len(data))
+    originals = torch.from_numpy(data.images[:n]).float().div(255).unsqueeze(1)  # (n, 1, 28, 28)
+    generator = torch.Generator().manual_seed(seed)
+    batch = originals.repeat_interleave(copies, dim=0)
+    augmented = augment_batch(batch, config, generator).view(n, copies, 28, 28)
+    fig, axes = plt.subplots(n, copies + 1, figsize=(1.2 * (copies + 1), 1.25 * n), squeeze=False)
+    for row in range(n):
+        axes[row, 0].imshow(originals[row, 0], cmap="gray", vmin=0, vmax=1)
+        for col in range(copies):
+            axes[row, col + 1].imshow(augmented[row, col], cmap="gray", vmin=0, vmax=1)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, 0].set_title("original", fontsize=8)
+    for col in range(copies):
+        axes[0, col + 1].set_title(f"aug {col + 1}", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def save_augment_preview(data: DigitData, config: AugmentConfig, path: str | Path, n: int = 8,
+                         copies: int = 5, seed: int = 0) -> Path:
+    return save_figure(augment_preview_figure(data, config, n=n, copies=copies, seed=seed), path)

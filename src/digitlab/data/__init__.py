@@ -65,6 +65,9 @@ def load_source(spec: str) -> DigitData:
         return load_kaggle_csv(Path(rest))
     if kind == "images" and rest:
         return load_image_folder(Path(rest))
+    if kind in ("idx", "kaggle", "images") and not rest:
+        what = "PATH" if kind == "kaggle" else "DIR"
+        raise DigitlabError(f"data source {spec!r} has no path; write it as {kind}:{what}")
     raise DigitlabError(
         f"unknown data source {spec!r}; expected one of: {', '.join(SOURCE_FORMS)}"
     )

@@ -119,7 +119,9 @@ def load_idx_dir(directory: str | Path, split: str = "train") -> DigitData:
     return DigitData(images, labels.astype(np.int64), f"idx:{directory}:{split}")
 
 
-def write_idx_dir(directory: str | Path, data: DigitData, split: str = "train", gz: bool = True) -> list[Path]:
+def write_idx_dir(
+    directory: str | Path, data: DigitData, split: str = "train", gz: bool = True
+) -> list[Path]:
     """Write `data` as the official pair of files for `split`; returns the paths written."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ def _check_header(path: Path, header: list[str]) -> bool:
             "label,pixel0..pixel783 (train) or pixel0..pixel783 (test)"
         )
     expected = TRAIN_HEADER if len(header) == 785 else PIXEL_COLUMNS
-    wrong = next(i for i, (a, b) in enumerate(zip(header, expected)) if a != b)
+    wrong = next(i for i, (a, b) in enumerate(zip(header, expected, strict=True)) if a != b)
     raise DigitlabError(
         f"{path}: line 1: column {wrong + 1} is named {header[wrong]!r}, expected {expected[wrong]!r} "
         "(not a Kaggle Digit Recognizer header)"
@@ -45,9 +45,13 @@ def _check_header(path: Path, header: list[str]) -> bool:
 
 
 def _diagnose(path: Path, has_label: bool) -> DigitlabError:
-    """Scan the file line by line to name the first bad cell (only runs after a failure)."""
+    """Scan the file line by line to name the first bad cell (only runs after a failure).
+
+    Every line-numbered message comes from here: pyarrow skips blank lines, so its row
+    numbers are not file lines.
+    """
     width = 785 if has_label else 784
-    with path.open(newline="") as fh:
+    with path.open(newline="", encoding="utf-8-sig", errors="replace") as fh:
         reader = csv.reader(fh)
         next(reader, None)
         for row in reader:
@@ -60,20 +64,15 @@ def _diagnose(path: Path, has_label: bool) -> DigitlabError:
                 )
             for col, cell in enumerate(row):
                 name = "label" if has_label and col == 0 else PIXEL_COLUMNS[col - has_label]
+                if not cell.strip():
+                    return DigitlabError(f"{path}: line {line}: {name} is empty, expected an integer")
                 try:
+                    # int() accepts what pyarrow's int64 parser accepts (not "3.0", not "1e2")
                     value = int(cell)
                 except ValueError:
-                    try:
-                        fvalue = float(cell)
-                    except ValueError:
-                        return DigitlabError(
-                            f"{path}: line {line}: {name} is {cell!r}, expected an integer"
-                        )
-                    if not fvalue.is_integer():
-                        return DigitlabError(
-                            f"{path}: line {line}: {name} is {cell!r}, expected an integer"
-                        )
-                    value = int(fvalue)
+                    return DigitlabError(
+                        f"{path}: line {line}: {name} is {cell!r}, expected an integer"
+                    )
                 if name == "label" and not 0 <= value <= 9:
                     return DigitlabError(f"{path}: line {line}: label {value} outside 0..9")
                 if name != "label" and not 0 <= value <= 255:
@@ -86,13 +85,19 @@ def load_kaggle_csv(path: str | Path, expect_labels: bool | None = None) -> Digi
     path = Path(path)
     if not path.is_file():
         raise DigitlabError(f"{path}: no such file")
-    with path.open(newline="") as fh:
-        first = fh.readline()
+    try:
+        # utf-8-sig: spreadsheet programs often start a CSV with a byte-order mark
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            first = fh.readline()
+    except UnicodeDecodeError:
+        raise DigitlabError(f"{path}: not a text file, expected a Kaggle CSV") from None
     if not first.strip():
         raise DigitlabError(f"{path}: empty file, expected a Kaggle CSV with a header line")
     has_label = _check_header(path, next(csv.reader([first])))
     if expect_labels is True and not has_label:
         raise DigitlabError(f"{path}: has no label column, expected a labelled train.csv")
+    if expect_labels is False and has_label:
+        raise DigitlabError(f"{path}: has a label column, expected pixels only (test.csv form)")
     try:
         table = pacsv.read_csv(
             path,
@@ -106,33 +111,18 @@ def load_kaggle_csv(path: str | Path, expect_labels: bool | None = None) -> Digi
     if table.num_rows == 0:
         raise DigitlabError(f"{path}: header only, no data rows")
     if any(table.column(i).null_count for i in range(table.num_columns)):
-        raise _diagnose_missing(path, table, has_label)
+        raise _diagnose(path, has_label)  # empty cells (or "NA"), which pyarrow reads as null
     array = np.column_stack([table.column(i).to_numpy() for i in range(table.num_columns)])
     if has_label:
         labels, pixels = array[:, 0], array[:, 1:]
     else:
         labels, pixels = None, array
-    if pixels.min() < 0 or pixels.max() > 255:
-        row, col = np.argwhere((pixels < 0) | (pixels > 255))[0]
-        raise DigitlabError(
-            f"{path}: line {row + 2}: pixel{col} is {pixels[row, col]}, outside 0..255"
-        )
-    if labels is not None and (labels.min() < 0 or labels.max() > 9):
-        row = int(np.flatnonzero((labels < 0) | (labels > 9))[0])
-        raise DigitlabError(f"{path}: line {row + 2}: label {labels[row]} outside 0..9")
+    if pixels.min() < 0 or pixels.max() > 255 or (
+        labels is not None and (labels.min() < 0 or labels.max() > 9)
+    ):
+        raise _diagnose(path, has_label)
     images = pixels.astype(np.uint8).reshape(-1, 28, 28)
     return DigitData(images, None if labels is None else labels.astype(np.int64), f"kaggle:{path}")
-
-
-def _diagnose_missing(path: Path, table: pa.Table, has_label: bool) -> DigitlabError:
-    for i in range(table.num_columns):
-        column = table.column(i)
-        if column.null_count:
-            row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
-            return DigitlabError(
-                f"{path}: line {row + 2}: {table.column_names[i]} is empty, expected an integer"
-            )
-    return DigitlabError(f"{path}: missing values")
 
 
 def write_kaggle_csv(path: str | Path, data: DigitData, with_labels: bool | None = None) -> Path:
@@ -147,9 +137,13 @@ def write_kaggle_csv(path: str | Path, data: DigitData, with_labels: bool | None
     if with_labels:
         columns.insert(0, pa.array(data.labels))
         names.insert(0, "label")
-    pacsv.write_csv(
-        pa.Table.from_arrays(columns, names=names),
-        path,
-        write_options=pacsv.WriteOptions(quoting_style="none"),
-    )
+    # The header is written by hand: pyarrow quotes header names even with quoting "none",
+    # and Kaggle's own files have a bare `label,pixel0,...` line.
+    with path.open("wb") as fh:
+        fh.write((",".join(names) + "\n").encode("ascii"))
+        pacsv.write_csv(
+            pa.Table.from_arrays(columns, names=names),
+            fh,
+            write_options=pacsv.WriteOptions(include_header=False, quoting_style="none"),
+        )
     return path

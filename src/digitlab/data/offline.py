@@ -36,6 +36,12 @@ _ALLOWED_GLOBALS = {
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
+    # Python 3 writes bytes at protocol 2 as `_codecs.encode(text, "latin1")` (and b"" as
+    # `bytes()`, with the module spelled the Python 2 way); both are replaced by narrow
+    # stand-ins in find_class.
+    ("_codecs", "encode"),
+    ("__builtin__", "bytes"),
+    ("builtins", "bytes"),
 }
 
 
@@ -44,12 +50,16 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         super().__init__(file, encoding="latin1")
         self._source = source
 
-    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's signature
+    def find_class(self, module: str, name: str) -> object:
         if (module, name) not in _ALLOWED_GLOBALS:
             raise DigitlabError(
                 f"{self._source}: refusing to unpickle global {module}.{name} "
                 "(only numpy array reconstruction is allowed)"
             )
+        if module == "_codecs":
+            return self._latin1_bytes
+        if name == "bytes":
+            return self._empty_bytes
         if name == "_reconstruct":
             try:  # numpy >= 2 moved the module; the pickle names the 1.x path
                 from numpy._core import multiarray
@@ -57,6 +67,20 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
                 from numpy.core import multiarray
             return multiarray._reconstruct
         return getattr(np, name)
+
+    def _latin1_bytes(self, text: object, encoding: object) -> bytes:
+        # Any other codec (zlib, base64, ...) is not something an array pickle needs.
+        if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+            raise DigitlabError(
+                f"{self._source}: refusing _codecs.encode with encoding {encoding!r} "
+                "(only latin1, which encodes bytes, is allowed)"
+            )
+        return text.encode("latin1")
+
+    def _empty_bytes(self, *args: object) -> bytes:
+        if args:  # bytes(n) would allocate n bytes on the pickle's say-so
+            raise DigitlabError(f"{self._source}: refusing builtins.bytes with arguments")
+        return b""
 
 
 def restricted_unpickle(blob: bytes, source: str) -> object:

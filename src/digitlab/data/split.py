@@ -22,7 +22,7 @@ def split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarra
     val_parts = []
     for cls in np.unique(labels):
         members = np.flatnonzero(labels == cls)
-        n_val = int(round(len(members) * val_fraction))
+        n_val = round(len(members) * val_fraction)
         val_parts.append(rng.permutation(members)[:n_val])
     val = np.sort(np.concatenate(val_parts)) if val_parts else np.empty(0, dtype=np.int64)
     mask = np.ones(len(labels), dtype=bool)

@@ -1,0 +1,139 @@
+"""Batched, device-agnostic augmentation: pure tensor functions with an explicit generator.
+
+Images are `(B, 1, H, W)` float tensors in [0, 1]. Every random draw takes a
+`torch.Generator`, so the same seed gives the same batch on the same machine, and no
+per-sample Python runs in the training loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Ranges of the random transforms; zero disables a transform."""
+
+    rotation: float = 0.0  # degrees: angle uniform in [-rotation, +rotation]
+    # zoom: scale factors uniform in [1 - zoom, 1 + zoom], drawn independently for x and y
+    # (Keras 2 `zoom_range` semantics: a factor > 1 samples a larger area, so the digit
+    # shrinks). zoom=1 means factors in [0, 2], the seed notebook's extreme setting.
+    zoom: float = 0.0
+    shift: float = 0.0  # fraction of the image side: offsets uniform in [-shift, +shift]
+    shear: float = 0.0  # degrees: shear angle uniform in [-shear, +shear]
+    elastic_alpha: float = 0.0  # pixels: scale of the Simard displacement field
+    elastic_sigma: float = 4.0  # pixels: Gaussian width smoothing that field
+    fill: str = "nearest"  # outside pixels: "nearest" (Keras fill_mode) or "constant" (0)
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.rotation, self.zoom, self.shift, self.shear, self.elastic_alpha))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _uniform(n: int, low: float, high: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.rand(n, generator=generator, device=device) * (high - low) + low
+
+
+def random_affine_matrices(
+    n: int, config: AugmentConfig, generator: torch.Generator, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """(n, 2, 3) matrices mapping output to input coordinates in affine_grid's [-1, 1] units.
+
+    Composed as Keras 2 does: rotation, then shift, then shear, then zoom.
+    """
+    device = torch.device(device)
+    theta = torch.deg2rad(_uniform(n, -config.rotation, config.rotation, generator, device))
+    shear = torch.deg2rad(_uniform(n, -config.shear, config.shear, generator, device))
+    zx = _uniform(n, 1 - config.zoom, 1 + config.zoom, generator, device)
+    zy = _uniform(n, 1 - config.zoom, 1 + config.zoom, generator, device)
+    # a shift of `s` image sides is 2*s in normalised coordinates
+    tx = _uniform(n, -config.shift, config.shift, generator, device) * 2
+    ty = _uniform(n, -config.shift, config.shift, generator, device) * 2
+
+    def batch(a, b, c, d):  # 2x2 per sample
+        return torch.stack([torch.stack([a, b], -1), torch.stack([c, d], -1)], -2)
+
+    zeros, ones = torch.zeros_like(theta), torch.ones_like(theta)
+    rotate = batch(torch.cos(theta), -torch.sin(theta), torch.sin(theta), torch.cos(theta))
+    shear_m = batch(ones, -torch.sin(shear), zeros, torch.cos(shear))
+    zoom_m = batch(zx, zeros, zeros, zy)
+    linear = rotate @ shear_m @ zoom_m
+    return torch.cat([linear, torch.stack([tx, ty], -1).unsqueeze(-1)], dim=-1)
+
+
+def apply_affine(images: torch.Tensor, matrices: torch.Tensor, fill: str = "nearest") -> torch.Tensor:
+    """Resample `(B, 1, H, W)` images through per-sample (B, 2, 3) output->input matrices."""
+    grid = F.affine_grid(matrices.to(images.dtype), list(images.shape), align_corners=False)
+    padding = "border" if fill == "nearest" else "zeros"
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode=padding, align_corners=False)
+
+
+def random_affine(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    matrices = random_affine_matrices(len(images), config, generator, images.device)
+    return apply_affine(images, matrices, config.fill)
+
+
+def rotate(images: torch.Tensor, degrees: float, fill: str = "nearest") -> torch.Tensor:
+    """Rotate every image by the same angle (test-time augmentation uses this)."""
+    t = math.radians(degrees)
+    m = torch.tensor([[math.cos(t), -math.sin(t), 0.0], [math.sin(t), math.cos(t), 0.0]])
+    return apply_affine(images, m.expand(len(images), 2, 3).to(images.device), fill)
+
+
+def translate(images: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
+    """Shift every image by (dx, dy) pixels, filling with background (0)."""
+    _, _, h, w = images.shape
+    m = torch.tensor([[1.0, 0.0, -2 * dx / w], [0.0, 1.0, -2 * dy / h]])
+    return apply_affine(images, m.expand(len(images), 2, 3).to(images.device), fill="constant")
+
+
+def _gaussian_kernel(sigma: float, device: torch.device) -> torch.Tensor:
+    radius = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    return k / k.sum()
+
+
+def elastic_displacement(
+    n: int, size: tuple[int, int], alpha: float, sigma: float, generator: torch.Generator,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Simard et al. (2003): uniform(-1, 1) fields smoothed by a Gaussian, scaled by alpha.
+
+    Returns (n, H, W, 2) displacements in pixels (x, y).
+    """
+    device = torch.device(device)
+    h, w = size
+    field = torch.rand(n * 2, 1, h, w, generator=generator, device=device) * 2 - 1
+    k = _gaussian_kernel(sigma, device)
+    pad = len(k) // 2
+    # separable blur; reflect padding keeps the field's edges from shrinking to zero
+    field = F.conv2d(F.pad(field, (pad, pad, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    field = F.conv2d(F.pad(field, (0, 0, pad, pad), mode="reflect"), k.view(1, 1, -1, 1))
+    return (field * alpha).view(n, 2, h, w).permute(0, 2, 3, 1)
+
+
+def elastic(images: torch.Tensor, alpha: float, sigma: float, generator: torch.Generator) -> torch.Tensor:
+    b, _, h, w = images.shape
+    disp = elastic_displacement(b, (h, w), alpha, sigma, generator, images.device)
+    identity = torch.eye(2, 3, device=images.device).expand(b, 2, 3)
+    grid = F.affine_grid(identity, [b, 1, h, w], align_corners=False)
+    scale = torch.tensor([2.0 / w, 2.0 / h], device=images.device)
+    return F.grid_sample(images, grid + disp * scale, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """All configured transforms on one batch; returns a new tensor of the same shape, in [0, 1]."""
+    out = images
+    if config.rotation or config.zoom or config.shift or config.shear:
+        out = random_affine(out, config, generator)
+    if config.elastic_alpha:
+        out = elastic(out, config.elastic_alpha, config.elastic_sigma, generator)
+    return out.clamp_(0.0, 1.0) if out is not images else out

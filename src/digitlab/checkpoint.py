@@ -1,0 +1,216 @@
+"""Weights in safetensors, metadata in JSON; every write is atomic (temp file + rename).
+
+- `model.safetensors` + `model.json`: the trained model and all needed to rebuild it
+  (preset, model arguments, normalisation, metrics, data fingerprint, versions, sha256).
+- `checkpoint.safetensors`: the resumable training state (weights, optimizer, scheduler,
+  RNG states, position), one file whose JSON header carries the non-tensor parts and a
+  checksum, so a crash can never leave a half-written pair behind.
+Nothing here unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+
+from digitlab.errors import DigitlabError
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+MODEL_META = "model.json"
+STATE_FILE = "checkpoint.safetensors"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+CLASS_NAMES = [str(d) for d in range(10)]
+# Inputs are pixel / 255 in [0, 1], background 0, ink 1 (MNIST polarity); no mean/std shift.
+INPUT_NORMALISATION = {"scale": 1 / 255, "mean": 0.0, "std": 1.0, "polarity": "light-on-dark"}
+
+
+def versions() -> dict[str, str]:
+    import numpy
+
+    from digitlab import __version__
+
+    return {
+        "digitlab": __version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+# ---------------------------------------------------------------- the trained model
+
+
+def save_model(run_dir: Path, model: torch.nn.Module, metadata: dict[str, Any]) -> Path:
+    """Write model.safetensors and its sidecar; `metadata` must hold at least `model` and `model_args`."""
+    blob = save(_contiguous(model.state_dict()))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "class_names": CLASS_NAMES,
+        "input": INPUT_NORMALISATION,
+        "versions": versions(),
+        **metadata,
+        "weights_sha256": _sha256(blob),
+    }
+    atomic_write_bytes(run_dir / MODEL_FILE, blob)
+    atomic_write_json(run_dir / MODEL_META, meta)
+    return run_dir / MODEL_FILE
+
+
+def read_model_meta(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / MODEL_META
+    if not path.is_file():
+        raise DigitlabError(f"{run_dir}: no {MODEL_META}; expected a run folder written by `digitlab train`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DigitlabError(f"{path}: corrupt JSON (line {exc.lineno}: {exc.msg})") from None
+
+
+def load_model(run_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the model of a run folder from its two files; checksum verified. Returns (model, meta)."""
+    from digitlab.models import create_model
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DigitlabError(f"{run_dir}: no such run folder")
+    meta = read_model_meta(run_dir)
+    weights = run_dir / MODEL_FILE
+    if not weights.is_file():
+        raise DigitlabError(f"{weights}: missing")
+    blob = weights.read_bytes()
+    if _sha256(blob) != meta.get("weights_sha256"):
+        raise DigitlabError(f"{weights}: checksum does not match {MODEL_META} (corrupt or replaced file)")
+    model = create_model(meta["model"], **meta.get("model_args", {}))
+    try:
+        model.load_state_dict(load(blob))
+    except (SafetensorError, RuntimeError) as exc:
+        raise DigitlabError(f"{weights}: weights do not fit model {meta['model']!r} ({exc})") from None
+    model.eval()
+    return model, meta
+
+
+# ---------------------------------------------------------------- the resumable state
+
+
+def _flatten_optimizer(state: dict[str, Any], prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    plain_state: dict[str, dict[str, Any]] = {}
+    for index, slots in state["state"].items():
+        plain_state[str(index)] = {}
+        for key, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}.{index}.{key}"] = value
+            else:
+                plain_state[str(index)][key] = value
+    return tensors, {"state": plain_state, "param_groups": state["param_groups"]}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any], prefix: str) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {int(i): dict(slots) for i, slots in plain["state"].items()}
+    for name, value in tensors.items():
+        if name.startswith(prefix + "."):
+            index, key = name[len(prefix) + 1 :].split(".", 1)
+            state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def save_state(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any | None,
+    rng: dict[str, torch.Tensor],
+    info: dict[str, Any],
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Everything needed to continue training exactly where it stopped, in one atomic file."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt_tensors, opt_plain = _flatten_optimizer(optimizer.state_dict(), "optim")
+    tensors.update(opt_tensors)
+    tensors.update({f"rng.{k}": v for k, v in rng.items()})
+    tensors.update({f"extra.{k}": v for k, v in (extra_tensors or {}).items()})
+    tensors = _contiguous(tensors)
+    payload_sha = _sha256(save(tensors))
+    header = {
+        "format_version": FORMAT_VERSION,
+        "info": info,
+        "optimizer": opt_plain,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "payload_sha256": payload_sha,
+    }
+    atomic_write_bytes(path, save(tensors, metadata={"digitlab": json.dumps(header)}))
+
+
+def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read and verify a resumable checkpoint; returns (tensors, header)."""
+    if not path.is_file():
+        raise DigitlabError(f"{path}: no checkpoint to resume from")
+    blob = path.read_bytes()
+    try:
+        from safetensors import safe_open
+
+        tensors = load(blob)
+        with safe_open(str(path), framework="pt") as fh:
+            header = json.loads((fh.metadata() or {})["digitlab"])
+    except (SafetensorError, KeyError, json.JSONDecodeError, ValueError, OSError) as exc:
+        raise DigitlabError(f"{path}: corrupt checkpoint ({exc.__class__.__name__}: {exc})") from None
+    if _sha256(save(tensors)) != header.get("payload_sha256"):
+        raise DigitlabError(f"{path}: checksum mismatch (corrupt checkpoint)")
+    return tensors, header
+
+
+def restore_state(
+    tensors: dict[str, torch.Tensor],
+    header: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any | None,
+) -> dict[str, torch.Tensor]:
+    """Load model/optimizer/scheduler in place; returns the RNG tensors."""
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, header["optimizer"], "optim"))
+    if scheduler is not None and header.get("scheduler") is not None:
+        scheduler.load_state_dict(header["scheduler"])
+    return {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
+
+
+def extra_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}

@@ -1,0 +1,83 @@
+"""The resolved training recipe as one typed dataclass, written to every run's config.json."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from digitlab.augment import AugmentConfig
+from digitlab.errors import DigitlabError
+
+OPTIMIZERS = ("rmsprop", "adam", "adamw", "sgd")
+SCHEDULES = ("constant", "onecycle", "cosine", "exponential")
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    preset: str = "custom"
+    model: str = "seed2017"
+    model_args: dict[str, Any] = field(default_factory=dict)
+    data: str = "mnist:train"
+    val_split: float = 0.2  # fraction held out, stratified; the seed notebook's 80/20
+    val_data: str | None = None  # a separate labelled source instead of a split
+    epochs: int = 20
+    batch_size: int = 256  # images per optimizer step
+    optimizer: str = "rmsprop"
+    lr: float = 1e-3  # peak learning rate (one-cycle's maximum)
+    momentum: float = 0.9  # sgd momentum (Nesterov), or rmsprop's rho / adam's beta1
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    lr_decay: float = 0.95  # exponential schedule: lr multiplied by this after every epoch
+    warmup_fraction: float = 0.25  # one-cycle: share of steps spent rising to the peak
+    label_smoothing: float = 0.0
+    ema_decay: float = 0.0  # >0 keeps an exponential moving average of the weights for eval
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    seed: int = 0
+    precision: str = "auto"
+    device: str = "auto"
+    eval_batch_size: int = 1024
+    eval_every: int = 1  # epochs between validation passes (the last epoch is always evaluated)
+
+    def validate(self) -> TrainConfig:
+        def bad(msg: str) -> DigitlabError:
+            return DigitlabError(f"{self.preset}: {msg}")
+
+        if self.epochs < 1:
+            raise bad(f"epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise bad(f"batch size must be at least 1, got {self.batch_size}")
+        if not 0 <= self.val_split < 1:
+            raise bad(f"val split must be in [0, 1), got {self.val_split}")
+        if self.lr <= 0:
+            raise bad(f"learning rate must be positive, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise bad(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise bad(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.device not in DEVICES:
+            raise bad(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise bad(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
+        return self
+
+    def with_overrides(self, **overrides: Any) -> TrainConfig:
+        """Replace the fields given (None means: keep the preset's value)."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        unknown = set(given) - {f.name for f in fields(self)}
+        if unknown:
+            raise DigitlabError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        return replace(self, **given)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        data = dict(data)
+        data["augment"] = AugmentConfig(**data.get("augment", {}))
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

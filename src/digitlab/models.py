@@ -1,0 +1,199 @@
+"""Model presets: tiny registered factory functions reached through `create_model(name)`.
+
+Every model takes `(N, 1, 28, 28)` float input scaled to [0, 1] and returns `(N, 10)` logits
+(softmax lives in the loss, as Keras' `categorical_crossentropy` on softmax outputs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from digitlab.errors import DigitlabError
+
+ModelFactory = Callable[..., nn.Module]
+_REGISTRY: dict[str, ModelFactory] = {}
+
+
+def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
+    """Decorator adding a factory to the registry; a second model with the same name is refused."""
+
+    def add(factory: ModelFactory) -> ModelFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return add
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise DigitlabError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}") from None
+    return factory(**overrides)
+
+
+def keras_init_(model: nn.Module) -> nn.Module:
+    """Keras defaults: Glorot-uniform kernels, zero biases (torch defaults to Kaiming-uniform)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return model
+
+
+class Seed2017Net(nn.Module):
+    """The 2017 notebook's Keras network, layer for layer (594,922 parameters)."""
+
+    def __init__(self, dropout: float = 0.05) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3), nn.ReLU(),       # (B, 32, 26, 26)
+            nn.Conv2d(32, 32, 3), nn.ReLU(),      # (B, 32, 24, 24)
+            nn.MaxPool2d(2), nn.Dropout(dropout),  # (B, 32, 12, 12)
+            nn.Conv2d(32, 64, 3), nn.ReLU(),      # (B, 64, 10, 10)
+            nn.Conv2d(64, 64, 3), nn.ReLU(),      # (B, 64, 8, 8)
+            nn.MaxPool2d(2), nn.Dropout(dropout),  # (B, 64, 4, 4)
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),                          # (B, 1024)
+            nn.Linear(1024, 512), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(512, 10),                    # (B, 10) logits
+        )
+        keras_init_(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@register_model("seed2017")
+def seed2017(dropout: float = 0.05) -> nn.Module:
+    return Seed2017Net(dropout=dropout)
+
+
+def conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int = 0) -> nn.Sequential:
+    # bias is redundant before BatchNorm, which adds its own shift
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class FastNet(nn.Module):
+    """Speed-run net: Conv24k5-pool-Conv32k3-pool-FC256; one epoch reaches ~99%."""
+
+    def __init__(self, width1: int = 24, width2: int = 32, hidden: int = 256) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_bn(1, width1, 5),           # (B, 24, 24, 24)
+            nn.MaxPool2d(2),                 # (B, 24, 12, 12)
+            conv_bn(width1, width2, 3),      # (B, 32, 10, 10)
+            nn.MaxPool2d(2),                 # (B, 32, 5, 5)
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(width2 * 25, hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@register_model("fast")
+def fast(width1: int = 24, width2: int = 32, hidden: int = 256) -> nn.Module:
+    return FastNet(width1=width1, width2=width2, hidden=hidden)
+
+
+class BestNet(nn.Module):
+    """The Kaggle "25 million images" family: C32-C32-C32k5s2-C64-C64-C64k5s2-C128k4, BN everywhere."""
+
+    def __init__(self, width: int = 32, dropout: float = 0.4) -> None:
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            conv_bn(1, w, 3), conv_bn(w, w, 3),                      # (B, 32, 24, 24)
+            conv_bn(w, w, 5, stride=2, padding=2), nn.Dropout(dropout),  # (B, 32, 12, 12)
+            conv_bn(w, 2 * w, 3), conv_bn(2 * w, 2 * w, 3),          # (B, 64, 8, 8)
+            conv_bn(2 * w, 2 * w, 5, stride=2, padding=2), nn.Dropout(dropout),  # (B, 64, 4, 4)
+            conv_bn(2 * w, 4 * w, 4),                                 # (B, 128, 1, 1)
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(4 * w, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@register_model("best")
+def best(width: int = 32, dropout: float = 0.4) -> nn.Module:
+    return BestNet(width=width, dropout=dropout)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    name: str
+    kind: str
+    output_shape: tuple[int, ...]
+    parameters: int
+
+
+def layer_table(model: nn.Module) -> list[LayerRow]:
+    """Leaf layers in call order with their output shapes (batch dim shown as None)."""
+    rows: list[LayerRow] = []
+    hooks = []
+    for name, module in model.named_modules():
+        if list(module.children()):
+            continue
+
+        def record(mod: nn.Module, _inp, out, name: str = name) -> None:
+            rows.append(
+                LayerRow(name, type(mod).__name__, tuple(out.shape[1:]), sum(p.numel() for p in mod.parameters()))
+            )
+
+        hooks.append(module.register_forward_hook(record))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 1, 28, 28))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return rows
+
+
+def summary_text(model: nn.Module, title: str = "") -> str:
+    """A Keras-style table: layer, output shape, parameters, then the totals."""
+    rows = layer_table(model)
+    lines = [title] if title else []
+    bar = "_" * 72
+    lines += [bar, f"{'Layer (type)':<34}{'Output Shape':<24}{'Param #':>12}", "=" * 72]
+    for row in rows:
+        shape = "(None, " + ", ".join(str(d) for d in row.output_shape) + ")"
+        lines.append(f"{row.name + ' (' + row.kind + ')':<34}{shape:<24}{row.parameters:>12,}")
+    total = count_parameters(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lines += [
+        "=" * 72,
+        f"Total params: {total:,}",
+        f"Trainable params: {trainable:,}",
+        f"Non-trainable params: {total - trainable:,}",
+        bar,
+    ]
+    return "\n".join(lines)

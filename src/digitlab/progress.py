@@ -1,0 +1,91 @@
+"""Terminal rendering of training events: a live bar on a terminal, one line per epoch otherwise.
+
+Library code only emits events; this is the CLI's view of them.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class TrainingProgress:
+    """Callable training-event sink. `live=None` picks a bar when the stream is a terminal."""
+
+    def __init__(self, stream: TextIO | None = None, live: bool | None = None, quiet: bool = False) -> None:
+        self.stream = stream or sys.stderr
+        self.live = (self.stream.isatty() if live is None else live) and not quiet
+        self.quiet = quiet
+        self._epoch_start = 0.0
+        self._last_draw = 0.0
+        self._loss = 0.0
+        self._acc = 0.0
+        self._n = 0
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "start":
+            cfg = event["config"]
+            self._write(
+                f"training {cfg.preset} ({cfg.model}) on {event['train_count']:,} images, "
+                f"validating on {event['val_count']:,}; {event['device']} {event['precision']}, "
+                f"batch {cfg.batch_size}, {cfg.epochs} epochs -> {event['run_dir']}\n"
+            )
+        elif kind == "epoch_start":
+            self._epoch_start = time.perf_counter()
+            self._loss = self._acc = 0.0
+            self._n = 0
+        elif kind == "batch" and self.live:
+            self._n += 1
+            # exponential smoothing so the bar's numbers do not flicker
+            w = 0.1 if self._n > 1 else 1.0
+            self._loss += w * (event["loss"] - self._loss)
+            self._acc += w * (event["acc"] - self._acc)
+            now = time.perf_counter()
+            if now - self._last_draw < 0.1 and event["step"] < event["steps"]:
+                return
+            self._last_draw = now
+            done, total = event["step"], event["steps"]
+            width = 24
+            filled = int(width * done / total)
+            elapsed = now - self._epoch_start
+            eta = elapsed / max(1, self._n) * (total - done)
+            self._write(
+                f"\repoch {event['epoch']} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
+                f"loss {self._loss:.4f} acc {self._acc:.4f} {event['images_per_s']:,.0f} img/s "
+                f"ETA {format_duration(eta)}  "
+            )
+        elif kind == "epoch":
+            if self.live:
+                self._write("\r\033[K")
+            if self.quiet and event["epoch"] != event["epochs"]:
+                return
+            self._write(epoch_line(event) + "\n")
+        elif kind == "interrupted":
+            if self.live:
+                self._write("\n")
+        elif kind == "end" and not self.quiet:
+            self._write(f"done in {format_duration(event['train_seconds'])} of training; "
+                        f"model saved to {event['run_dir']}\n")
+
+
+def epoch_line(rec: dict[str, Any]) -> str:
+    line = (
+        f"epoch {rec['epoch']:>3}/{rec['epochs']}  loss {rec['train_loss']:.4f}  acc {rec['train_acc']:.4f}"
+    )
+    if "val_acc" in rec:
+        line += f"  val_loss {rec['val_loss']:.4f}  val_acc {rec['val_acc']:.4f}"
+    line += f"  lr {rec['lr']:.2e}  {rec['images_per_s']:,.0f} img/s  {rec['train_seconds']:.1f}s"
+    return line
