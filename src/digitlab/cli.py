@@ -61,6 +61,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                         help="CSV file (kaggle) or directory (idx) to write")
     export.add_argument("--split", choices=["train", "test"], default="train",
                         help="idx only: name the files as the train or t10k pair (default: train)")
+    export.add_argument("--limit", type=_positive_int, default=None,
+                        help="write only the first N images (e.g. 42000 for a Kaggle-sized train.csv)")
     export.add_argument("--no-labels", action="store_true",
                         help="kaggle only: write test.csv form (pixels only) even if labelled")
     export.set_defaults(handler=_run_data_export)
@@ -115,9 +117,13 @@ def _run_data_show(args: argparse.Namespace) -> int:
 
 
 def _run_data_export(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from digitlab.data import load_source, write_idx_dir, write_kaggle_csv
 
     data = load_source(args.source)
+    if args.limit is not None and args.limit < len(data):
+        data = data.subset(np.arange(args.limit), f"{data.source}[:{args.limit}]")
     if args.format == "kaggle":
         written = [write_kaggle_csv(args.out, data, with_labels=False if args.no_labels else None)]
     else:

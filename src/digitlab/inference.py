@@ -80,8 +80,18 @@ def ensemble_members(path: Path) -> list[Path]:
 
 
 def load_predictor(path: str | Path, precision: str = "auto", device: str = "cpu",
-                   batch_size: int = 2048) -> Predictor:
-    """A run folder (model.safetensors + model.json) or an ensemble folder (ensemble.json)."""
+                   batch_size: int = 2048, backend: str = "torch") -> Predictor:
+    """A run folder (model.safetensors + model.json) or an ensemble folder (ensemble.json).
+
+    backend="onnx" returns an ONNX Runtime `digitlab.export.OnnxPredictor` (same methods; fp32,
+    CPU) from RUN_DIR/model.onnx if fresh, else exported on the fly; `path` may be an .onnx file.
+    """
+    if backend == "onnx":
+        from digitlab.export import load_onnx_predictor
+
+        return load_onnx_predictor(path, batch_size=batch_size)  # type: ignore[return-value]
+    if backend != "torch":
+        raise DigitlabError(f"unknown backend {backend!r}; choose torch or onnx")
     path = Path(path)
     if not path.is_dir():
         raise DigitlabError(f"{path}: no such run folder")

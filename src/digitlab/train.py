@@ -225,7 +225,7 @@ class MetricsLog:
             self._pending.clear()
 
     def truncate_to(self, epoch: int, step: int) -> None:
-        """Drop records after (epoch, step): they belong to work the checkpoint does not hold."""
+        """Keep only records before step `step + 1` of `epoch`: later ones are work the checkpoint lacks."""
         if not self.path.exists():
             return
         kept = []
@@ -443,7 +443,7 @@ def fit(
             start_epoch = pos["epoch"]
         else:
             start_epoch = pos["epoch"] + 1
-        metrics.truncate_to(pos["epoch"] if pos["step"] else pos["epoch"], pos["step"])
+        metrics.truncate_to(start_epoch, pos["step"])
         log.info("resuming %s at epoch %d step %d", run_dir, start_epoch, pos["step"])
     else:
         ckpt.atomic_write_json(run_dir / CONFIG_FILE, {

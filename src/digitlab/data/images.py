@@ -30,6 +30,8 @@ def read_grey(path: Path) -> Image.Image:
             return img.convert("L")
     except FileNotFoundError:
         raise DigitlabError(f"{path}: no such file") from None
+    except Image.DecompressionBombError as exc:  # not an OSError: PIL's guard against huge images
+        raise DigitlabError(f"{path}: image too large ({exc})") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DigitlabError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
 

@@ -1,0 +1,52 @@
+"""Model registry: the seed network's exact size, and every preset's forward/backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from digitlab.errors import DigitlabError
+from digitlab.models import count_parameters, create_model, list_models, register_model, summary_text
+
+
+def test_seed2017_has_the_notebooks_parameter_count() -> None:
+    assert count_parameters(create_model("seed2017")) == 594_922
+
+
+def test_seed2017_summary_matches_keras_table() -> None:
+    text = summary_text(create_model("seed2017"))
+    assert "Total params: 594,922" in text
+    assert "(None, 32, 26, 26)" in text and "(None, 1024)" in text and "524,800" in text
+
+
+def test_seed2017_uses_keras_initialisation() -> None:
+    model = create_model("seed2017")
+    dense = model.classifier[1]
+    bound = (6 / (1024 + 512)) ** 0.5  # Glorot-uniform limit
+    assert dense.weight.abs().max() <= bound
+    assert dense.weight.abs().max() > 0.9 * bound
+    assert torch.count_nonzero(dense.bias) == 0
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_forward_backward(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(name)
+    x = torch.rand(4, 1, 28, 28)
+    out = model(x)
+    assert out.shape == (4, 10)
+    assert torch.isfinite(out).all()
+    out.logsumexp(1).mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_duplicate_registration_refused() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("seed2017")(lambda: None)
+
+
+def test_unknown_model_lists_valid_names() -> None:
+    with pytest.raises(DigitlabError, match="unknown model 'nope'.*seed2017"):
+        create_model("nope")

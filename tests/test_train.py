@@ -1,0 +1,211 @@
+"""The training loop: it learns, writes a complete run folder, is deterministic, and resumes
+bit-exactly after Ctrl-C or SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from digitlab.cli import main
+from digitlab.data import DigitData, write_kaggle_csv
+from digitlab.errors import DigitlabError
+from digitlab.presets import get_preset
+from digitlab.train import TrainingInterrupted, fit, read_metrics
+
+TIMING_FIELDS = {"train_seconds", "images_per_s", "eval_seconds"}
+
+
+def _untimed(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+@pytest.fixture(scope="module")
+def csv_2000(tmp_path_factory, mnist_train: DigitData) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.csv"
+    write_kaggle_csv(path, mnist_train.subset(np.arange(2000)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def csv_640(tmp_path_factory, mnist_train: DigitData) -> Path:
+    path = tmp_path_factory.mktemp("data") / "small.csv"
+    write_kaggle_csv(path, mnist_train.subset(np.arange(10000, 10640)))
+    return path
+
+
+def test_one_epoch_on_2000_images_learns_and_writes_a_complete_run(tmp_path: Path, csv_2000: Path) -> None:
+    config = get_preset("quick").with_overrides(data=f"kaggle:{csv_2000}", epochs=1, batch_size=32,
+                                                val_split=0.2)
+    result = fit(config, tmp_path / "run")
+    assert result.final["val_acc"] > 0.85
+    run = result.run_dir
+    for name in ("config.json", "metrics.jsonl", "model.safetensors", "model.json", "checkpoint.safetensors"):
+        assert (run / name).is_file(), name
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["config"]["preset"] == "quick" and cfg["config"]["optimizer"] == "adam"
+    assert cfg["data"]["train_count"] == 1600 and cfg["data"]["val_count"] == 400
+    assert cfg["versions"]["torch"] == torch.__version__
+    records = read_metrics(run)
+    batches = [r for r in records if r["type"] == "batch"]
+    assert len(batches) == 1600 // 32 and all(np.isfinite(r["loss"]) for r in batches)
+    epoch = [r for r in records if r["type"] == "epoch"]
+    assert len(epoch) == 1 and {"train_loss", "val_acc", "lr", "images_per_s", "train_seconds"} <= epoch[0].keys()
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["preset"] == "quick" and meta["parameters"] == 594_922
+    assert meta["class_names"] == [str(d) for d in range(10)]
+    assert meta["data"]["train_fingerprint"] == cfg["data"]["train_fingerprint"]
+
+
+def _tiny_config(csv: Path, **kw):
+    base = dict(data=f"kaggle:{csv}", epochs=3, batch_size=32, val_split=0.25)
+    base.update(kw)
+    return get_preset("seed2017").with_overrides(**base)
+
+
+def test_same_seed_same_metrics_and_ctrl_c_resume_is_bit_identical(tmp_path: Path, csv_640: Path) -> None:
+    config = _tiny_config(csv_640)
+    reference = fit(config, tmp_path / "reference")
+    again = fit(config, tmp_path / "again")
+    assert _untimed(read_metrics(reference.run_dir)) == _untimed(read_metrics(again.run_dir))
+    _assert_same_weights(reference.run_dir, again.run_dir)
+
+    def ctrl_c(event: dict) -> None:  # a real SIGINT to ourselves, mid-epoch
+        if event["event"] == "batch" and event["epoch"] == 2 and event["step"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted) as stop:
+        fit(config, tmp_path / "stopped", callbacks=[ctrl_c])
+    assert (stop.value.epoch, stop.value.step) == (2, 4)
+    assert stop.value.resume_command == f"digitlab train --resume {tmp_path / 'stopped'}"
+    assert not (tmp_path / "stopped" / "model.safetensors").exists()
+    resumed = fit(config, resume=tmp_path / "stopped")
+    _assert_same_weights(reference.run_dir, resumed.run_dir)
+    assert _untimed(read_metrics(reference.run_dir)) == _untimed(read_metrics(resumed.run_dir))
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from digitlab.presets import get_preset
+    from digitlab.train import fit
+
+    def kill(event):
+        if event["event"] == "batch" and event["epoch"] == 2 and event["step"] == 7:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    config = get_preset("seed2017").with_overrides(
+        data="kaggle:" + sys.argv[1], epochs=3, batch_size=32, val_split=0.25)
+    fit(config, sys.argv[2], callbacks=[kill])
+    """
+)
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path: Path, csv_640: Path) -> None:
+    reference = fit(_tiny_config(csv_640), tmp_path / "reference")
+    run = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(csv_640), str(run)], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    assert not (run / "model.safetensors").exists()
+    assert [r["epoch"] for r in read_metrics(run) if r["type"] == "epoch"] == [1]
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    _assert_same_weights(reference.run_dir, run)
+    assert _untimed(read_metrics(reference.run_dir)) == _untimed(read_metrics(run))
+
+
+def test_cli_ctrl_c_saves_and_prints_resume_command(tmp_path: Path, csv_640: Path) -> None:
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "digitlab", "train", "--preset", "seed2017", "--data", f"kaggle:{csv_640}",
+         "--epochs", "1000", "--batch-size", "32", "--out", str(run)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(r["type"] == "epoch" for r in read_metrics(run)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"resume with: digitlab train --resume {run}" in err
+    assert "Traceback" not in err
+    assert (run / "checkpoint.safetensors").is_file()
+
+
+def test_train_cli_plain_lines_when_not_a_terminal(tmp_path: Path, csv_640: Path, capsys) -> None:
+    code = main(["train", "--preset", "seed2017", "--data", f"kaggle:{csv_640}", "--epochs", "2",
+                 "--batch-size", "64", "--out", str(tmp_path / "r")])
+    captured = capsys.readouterr()
+    assert code == 0
+    lines = [line for line in captured.err.splitlines() if line.startswith("epoch")]
+    assert len(lines) == 2 and "val_acc" in lines[0] and "img/s" in lines[0]
+    assert "\r" not in captured.err
+    assert "validation accuracy" in captured.out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--preset", "nope"], "unknown preset 'nope'; choose one of: "),
+        (["train", "--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+        (["train", "--epochs", "0"], "--epochs: must be at least 1, got 0"),
+        (["train", "--resume", "/nonexistent/run"], "/nonexistent/run: no such run folder to resume"),
+    ],
+)
+def test_bad_train_arguments(argv: list[str], message: str, capsys) -> None:
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse rejects types itself, also with exit 2
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_unlabelled_data_refused(tmp_path: Path, mnist_train: DigitData, capsys) -> None:
+    test_csv = tmp_path / "test.csv"
+    write_kaggle_csv(test_csv, mnist_train.subset(np.arange(50)), with_labels=False)
+    assert main(["train", "--data", f"kaggle:{test_csv}", "--out", str(tmp_path / "r")]) == 2
+    assert "has no labels; training needs a labelled source" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_refused(tmp_path: Path, csv_640: Path, capsys) -> None:
+    config = _tiny_config(csv_640, epochs=1)
+    fit(config, tmp_path / "run")
+    state = tmp_path / "run" / "checkpoint.safetensors"
+    blob = bytearray(state.read_bytes())
+    blob[-100] ^= 0xFF  # flip one weight byte
+    state.write_bytes(bytes(blob))
+    assert main(["train", "--resume", str(tmp_path / "run")]) == 2
+    assert "checksum mismatch (corrupt checkpoint)" in capsys.readouterr().err
+    state.write_bytes(bytes(blob[:1000]))  # truncated
+    with pytest.raises(DigitlabError, match="corrupt checkpoint"):
+        fit(config, resume=tmp_path / "run")
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path: Path, csv_640: Path) -> None:
+    config = _tiny_config(csv_640, epochs=1)
+    fit(config, tmp_path / "run")
+    with pytest.raises(DigitlabError, match="already holds a run; use --resume"):
+        fit(config, tmp_path / "run")
