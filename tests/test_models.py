@@ -48,5 +48,5 @@ def test_duplicate_registration_refused() -> None:
 
 
 def test_unknown_model_lists_valid_names() -> None:
-    with pytest.raises(DigitlabError, match="unknown model 'nope'.*seed2017"):
+    with pytest.raises(DigitlabError, match=r"unknown model 'nope'.*seed2017"):
         create_model("nope")

@@ -145,7 +145,7 @@ def test_cli_ctrl_c_saves_and_prints_resume_command(tmp_path: Path, csv_640: Pat
     while time.monotonic() < deadline and not any(r["type"] == "epoch" for r in read_metrics(run)):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert f"resume with: digitlab train --resume {run}" in err
     assert "Traceback" not in err

@@ -8,33 +8,11 @@ per-sample Python runs in the training loop.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Ranges of the random transforms; zero disables a transform."""
-
-    rotation: float = 0.0  # degrees: angle uniform in [-rotation, +rotation]
-    # zoom: scale factors uniform in [1 - zoom, 1 + zoom], drawn independently for x and y
-    # (Keras 2 `zoom_range` semantics: a factor > 1 samples a larger area, so the digit
-    # shrinks). zoom=1 means factors in [0, 2], the seed notebook's extreme setting.
-    zoom: float = 0.0
-    shift: float = 0.0  # fraction of the image side: offsets uniform in [-shift, +shift]
-    shear: float = 0.0  # degrees: shear angle uniform in [-shear, +shear]
-    elastic_alpha: float = 0.0  # pixels: scale of the Simard displacement field
-    elastic_sigma: float = 4.0  # pixels: Gaussian width smoothing that field
-    fill: str = "nearest"  # outside pixels: "nearest" (Keras fill_mode) or "constant" (0)
-
-    @property
-    def enabled(self) -> bool:
-        return any((self.rotation, self.zoom, self.shift, self.shear, self.elastic_alpha))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from digitlab.config import AugmentConfig
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -95,7 +73,7 @@ def translate(images: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
 
 
 def _gaussian_kernel(sigma: float, device: torch.device) -> torch.Tensor:
-    radius = max(1, int(math.ceil(3 * sigma)))
+    radius = max(1, math.ceil(3 * sigma))
     x = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
     k = torch.exp(-(x**2) / (2 * sigma**2))
     return k / k.sum()

@@ -197,7 +197,8 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         given = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None]
         if given or args.preset or args.out:
-            raise DigitlabError(f"--resume continues the run with its own settings; drop {', '.join(given or ['--preset/--out'])}")
+            dropped = ", ".join(given or ["--preset/--out"])
+            raise DigitlabError(f"--resume continues the run with its own settings; drop {dropped}")
         config = None
     else:
         config = get_preset(args.preset or DEFAULT_PRESET).with_overrides(**overrides)
@@ -257,6 +258,150 @@ def _run_augment_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- serve and export
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser(
+        "serve", help="HTTP API (/v1/predict, /docs) and a drawing page for a trained run",
+        description="Load the model once and serve it with uvicorn: POST /v1/predict (PNG/JPEG upload "
+        "in field `file`, or JSON pixels), GET /v1/model, GET /healthz, the drawing page at /.",
+    )
+    serve.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (or ensemble folder)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    serve.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                       help="inference engine (default: torch)")
+    serve.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from digitlab.serve import run_server
+
+    run_server(args.run_dir, host=args.host, port=args.port, backend=args.backend)
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser("export", help="write a run as an ONNX model with its preprocessing in the metadata")
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (or ensemble folder)")
+    export.add_argument("--format", choices=["onnx"], default="onnx", help="output format (default: onnx)")
+    export.add_argument("--out", type=Path, default=None, help="file to write (default: RUN_DIR/model.onnx)")
+    export.add_argument("--no-check", action="store_true",
+                        help="skip comparing ONNX Runtime with torch on 1,000 MNIST test images")
+    export.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from digitlab.export import export_onnx, parity_check
+
+    out = export_onnx(args.run_dir, args.out)
+    print(f"wrote {out}")
+    if not args.no_check:
+        report = parity_check(args.run_dir, out)
+        print(f"parity: max |logit difference| {report['max_abs_diff']:.2e} on {report['images']} "
+              f"{report['source']} images, predictions agree on {100 * report['agreement']:.2f}%")
+    return 0
+
+
+# ---------------------------------------------------------------- evaluate, report, predict
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    evaluate = sub.add_parser(
+        "evaluate", help="accuracy, per-class metrics, confusion matrix and mistakes of a run",
+        description="Predict a labelled source with a run (or ensemble) folder and compare with the labels. "
+        "Mistakes are listed most confident first.",
+    )
+    evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (or ensemble folder)")
+    evaluate.add_argument("--data", default="mnist:test", help=SOURCE_HELP + " (default: mnist:test)")
+    evaluate.add_argument("--json", action="store_true", help="print JSON (all mistakes) instead of a table")
+    evaluate.add_argument("--tta", action="store_true",
+                          help="test-time augmentation: average over 1-px shifts and +-8 degree tilts (7x slower)")
+    evaluate.add_argument("--mistakes", type=int, default=20, metavar="N",
+                          help="table only: how many mistakes to list (default: 20)")
+    evaluate.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from digitlab.evaluate import evaluate_run
+
+    result = evaluate_run(args.run_dir, args.data, tta=args.tta)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_text(max_mistakes=args.mistakes))
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    report = sub.add_parser(
+        "report", help="one self-contained HTML report of a run (curves, confusion, mistakes, model)",
+        description="Write an HTML file with every figure embedded (readable offline) and each figure as a "
+        "PNG beside it.",
+    )
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (or ensemble folder)")
+    report.add_argument("--data", default="mnist:test", help=SOURCE_HELP + " (default: mnist:test)")
+    report.add_argument("--out", type=Path, default=None, help="HTML file (default: RUN_DIR/report/report.html)")
+    report.add_argument("--tta", action="store_true", help="evaluate with test-time augmentation")
+    report.set_defaults(handler=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from digitlab.report import write_report
+
+    out = write_report(args.run_dir, data=args.data, out=args.out, tta=args.tta)
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    predict = sub.add_parser(
+        "predict", help="predict digits in Kaggle CSV, IDX, .npy, PNG/JPEG files or folders",
+        description="Images (PNG/JPEG, or folders of them) are made MNIST-like first: inverted if on light "
+        "paper, cropped to the ink, scaled to 20 px and centred by mass in 28x28. A bad file is reported on "
+        "stderr and skipped; the exit status is then 2.",
+        epilog="Kaggle: digitlab predict RUN_DIR kaggle:test.csv --format kaggle --out submission.csv",
+    )
+    predict.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (or ensemble folder)")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT",
+                         help="kaggle:test.csv or *.csv, IDX image file, .npy (N,28,28)/(N,784), image file, "
+                         "or folder of images")
+    predict.add_argument("--out", type=Path, default=None,
+                         help="file to write (default: stdout; submission.csv for --format kaggle)")
+    predict.add_argument("--format", choices=["csv", "json", "kaggle"], default="csv",
+                         help="csv: source,prediction,probability,top_k; json: a list of objects; "
+                         "kaggle: ImageId,Label (default: csv)")
+    predict.add_argument("--top-k", type=_positive_int, default=3, metavar="K",
+                         help="how many most likely digits to list (default: 3)")
+    predict.add_argument("--tta", action="store_true", help="test-time augmentation (7 views, 7x slower)")
+    predict.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+                         help="images per forward pass (default: 2048)")
+    predict.set_defaults(handler=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from digitlab.predict import predict_inputs, render, write_output
+
+    result = predict_inputs(args.run_dir, args.inputs, top_k=args.top_k, tta=args.tta,
+                            batch_size=args.batch_size)
+    for note in result.notes:
+        print(f"digitlab: note: {note}", file=sys.stderr)
+    for error in result.errors:
+        print(f"digitlab: error: {error}", file=sys.stderr)
+    if result.predictions:
+        text = render(result, args.format)
+        out = args.out or (Path("submission.csv") if args.format == "kaggle" else None)
+        if out is None:
+            sys.stdout.write(text)
+        else:
+            write_output(text, out)
+            print(f"wrote {out} ({len(result.predictions):,} predictions)", file=sys.stderr)
+    if result.errors:
+        print(f"digitlab: {len(result.errors)} input(s) failed, {len(result.predictions):,} images predicted",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
@@ -264,6 +409,11 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train,
     _add_summary,
     _add_augment_preview,
+    _add_serve,
+    _add_export,
+    _add_evaluate,
+    _add_report,
+    _add_predict,
 ]
 
 

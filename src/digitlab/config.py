@@ -1,17 +1,42 @@
-"""The resolved training recipe as one typed dataclass, written to every run's config.json."""
+"""The resolved training recipe as typed dataclasses, written to every run's config.json.
+
+Kept free of torch so the CLI can list presets and parse flags instantly.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from digitlab.augment import AugmentConfig
 from digitlab.errors import DigitlabError
 
 OPTIMIZERS = ("rmsprop", "adam", "adamw", "sgd")
 SCHEDULES = ("constant", "onecycle", "cosine", "exponential")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Ranges of the random transforms; zero disables a transform."""
+
+    rotation: float = 0.0  # degrees: angle uniform in [-rotation, +rotation]
+    # zoom: scale factors uniform in [1 - zoom, 1 + zoom], drawn independently for x and y
+    # (Keras 2 `zoom_range` semantics: a factor > 1 samples a larger area, so the digit
+    # shrinks). zoom=1 means factors in [0, 2], the seed notebook's extreme setting.
+    zoom: float = 0.0
+    shift: float = 0.0  # fraction of the image side: offsets uniform in [-shift, +shift]
+    shear: float = 0.0  # degrees: shear angle uniform in [-shear, +shear]
+    elastic_alpha: float = 0.0  # pixels: scale of the Simard displacement field
+    elastic_sigma: float = 4.0  # pixels: Gaussian width smoothing that field
+    fill: str = "nearest"  # outside pixels: "nearest" (Keras fill_mode) or "constant" (0)
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.rotation, self.zoom, self.shift, self.shear, self.elastic_alpha))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)

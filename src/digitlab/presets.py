@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from digitlab.augment import AugmentConfig
-from digitlab.config import TrainConfig
+from digitlab.config import AugmentConfig, TrainConfig
 from digitlab.errors import DigitlabError
 
 PRESETS: dict[str, TrainConfig] = {

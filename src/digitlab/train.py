@@ -23,9 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from digitlab import checkpoint as ckpt
+from digitlab import distributed
 from digitlab.augment import augment_batch
 from digitlab.config import TrainConfig
 from digitlab.data import DigitData, load_source, split
+from digitlab.distributed import DistContext
 from digitlab.errors import DigitlabError
 from digitlab.models import count_parameters, create_model
 
@@ -254,7 +256,7 @@ def _sigint_flag():
         yield flag
         return
 
-    def handler(signum, frame):  # noqa: ARG001
+    def handler(signum, frame):
         flag.set()
         signal.signal(signal.SIGINT, previous)
 
@@ -273,7 +275,7 @@ class EpochState:
     """Position inside an epoch, enough to continue it bit-exactly after an interruption."""
 
     epoch: int  # 1-based
-    perm: torch.Tensor  # this epoch's order of the training indices
+    perm: torch.Tensor  # this epoch's order of all training indices (identical on every rank)
     step: int = 0  # steps already done
     loss_sum: float = 0.0
     correct: int = 0
@@ -281,44 +283,72 @@ class EpochState:
     train_seconds: float = 0.0
 
 
+@dataclass
+class Trainer:
+    """What one optimisation step needs, built once per run."""
+
+    model: nn.Module  # possibly wrapped in DistributedDataParallel
+    optimizer: torch.optim.Optimizer
+    scheduler: Any | None
+    scheduler_per_step: bool
+    ema: torch.optim.swa_utils.AveragedModel | None
+    config: TrainConfig
+    precision: str
+    device: torch.device
+    augment_generator: torch.Generator
+    ctx: DistContext = field(default_factory=DistContext)
+
+    @property
+    def local_batch(self) -> int:
+        return self.config.batch_size // self.ctx.world_size
+
+    @property
+    def bare_model(self) -> nn.Module:
+        """The model without its DDP wrapper: what is evaluated and saved."""
+        return self.model.module if self.ctx.enabled else self.model
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.bare_model
+
+
 def train_one_epoch(
-    model: nn.Module,
+    trainer: Trainer,
     images: torch.Tensor,
     labels: torch.Tensor,
     state: EpochState,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any | None,
-    scheduler_per_step: bool,
-    config: TrainConfig,
-    generator: torch.Generator,
-    precision: str,
-    ema: torch.optim.swa_utils.AveragedModel | None = None,
     stop: threading.Event | None = None,
     on_batch: Callable[[dict[str, Any]], None] | None = None,
 ) -> bool:
-    """Advance `state` through its epoch; returns False if stopped early by `stop`."""
-    device = images.device
+    """Advance `state` through its epoch; returns False if stopped early by `stop`.
+
+    Each rank takes every world_size-th index of the shared permutation, so the ranks'
+    shards are disjoint and together cover the epoch.
+    """
+    config, ctx = trainer.config, trainer.ctx
+    shard = state.perm[ctx.rank :: ctx.world_size]
+    batch = trainer.local_batch
     steps = len(state.perm) // config.batch_size  # drop the ragged tail, as Keras' steps_per_epoch
-    model.train()
+    trainer.model.train()
     while state.step < steps:
         t0 = time.perf_counter()
-        index = state.perm[state.step * config.batch_size : (state.step + 1) * config.batch_size]
+        index = shard[state.step * batch : (state.step + 1) * batch]
         x = to_input(images[index])  # (B, 1, 28, 28)
         y = labels[index]
         if config.augment.enabled:
-            x = augment_batch(x, config.augment, generator)
-        if device.type == "cpu":
+            x = augment_batch(x, config.augment, trainer.augment_generator)
+        if trainer.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, precision):
-            logits = model(x)
+        with autocast(trainer.device, trainer.precision):
+            logits = trainer.model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
+        trainer.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        if scheduler is not None and scheduler_per_step:
-            scheduler.step()
-        if ema is not None:
-            ema.update_parameters(model)
+        trainer.optimizer.step()
+        if trainer.scheduler is not None and trainer.scheduler_per_step:
+            trainer.scheduler.step()
+        if trainer.ema is not None:
+            trainer.ema.update_parameters(trainer.bare_model)
         batch_loss = loss.item()
         batch_correct = int((logits.argmax(1) == y).sum())
         dt = time.perf_counter() - t0
@@ -330,9 +360,12 @@ def train_one_epoch(
         if on_batch is not None:
             on_batch({
                 "step": state.step, "steps": steps, "loss": batch_loss, "acc": batch_correct / len(y),
-                "lr": optimizer.param_groups[0]["lr"], "images_per_s": len(y) / dt,
+                "lr": trainer.optimizer.param_groups[0]["lr"], "images_per_s": len(y) * ctx.world_size / dt,
             })
-        if stop is not None and stop.is_set() and state.step < steps:
+        stopping = stop is not None and stop.is_set()
+        if ctx.enabled:
+            stopping = distributed.any_rank(ctx, stopping, trainer.device)
+        if stopping and state.step < steps:
             return False
     return True
 
@@ -353,24 +386,49 @@ def _load_training_data(config: TrainConfig) -> tuple[DigitData, DigitData | Non
     return data.subset(train_idx, f"{config.data}[train]"), data.subset(val_idx, f"{config.data}[val]")
 
 
-def _rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
-    return {"torch": torch.get_rng_state(), "data": generator.get_state()}
+def _augment_seed(seed: int, rank: int) -> int:
+    # a different stream per rank, so ranks do not apply identical augmentations
+    return seed * 7919 + 104729 * rank + 1
+
+
+def _build_trainer(config: TrainConfig, ctx: DistContext, device: torch.device, precision: str,
+                   steps_per_epoch: int) -> Trainer:
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    model = prepare_model(create_model(config.model, **config.model_args), device)
+    ema = build_ema(model, config.ema_decay)
+    if ctx.enabled:
+        torch.manual_seed(config.seed + ctx.rank)  # but different dropout masks
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    optimizer = build_optimizer(model, config)
+    scheduler, when = build_scheduler(optimizer, config, steps_per_epoch)
+    return Trainer(model, optimizer, scheduler, when == "step", ema, config, precision, device,
+                   torch.Generator().manual_seed(_augment_seed(config.seed, ctx.rank)), ctx)
+
+
+def _rng_tensors(trainer: Trainer, order_generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """RNG states of every rank (gathered to all), so any rank can be resumed exactly."""
+    out = {"order": order_generator.get_state()}
+    for name, state in (("torch", torch.get_rng_state()), ("augment", trainer.augment_generator.get_state())):
+        for rank, tensor in enumerate(distributed.gather_tensor(trainer.ctx, state, trainer.device)):
+            out[f"{name}.{rank}"] = tensor
+    return out
 
 
 def fit(
-    config: TrainConfig,
+    config: TrainConfig | None,
     out_dir: str | Path | None = None,
     resume: str | Path | None = None,
     callbacks: Iterable[Callback] = (),
     data: tuple[DigitData, DigitData | None] | None = None,
-    distributed: Any | None = None,
 ) -> RunResult:
     """Train `config` into a run folder (or continue the run in `resume`); returns the result.
 
     `data` may pass preloaded (train, val) sets (tests, benchmarks); otherwise the config's
-    sources are loaded. Ctrl-C saves the state and raises TrainingInterrupted.
+    sources are loaded. Ctrl-C saves the state and raises TrainingInterrupted. Under
+    torchrun, every rank calls fit and only rank 0 writes files or emits events.
     """
-    callbacks = list(callbacks)
+    ctx = distributed.context_from_env()
+    callbacks = list(callbacks) if ctx.is_main else []
 
     def emit(event: dict[str, Any]) -> None:
         for cb in callbacks:
@@ -380,33 +438,31 @@ def fit(
         run_dir = Path(resume)
         config = _read_run_config(run_dir)
     else:
+        if config is None:
+            raise DigitlabError("fit needs a config or a run folder to resume")
         config = config.validate()
         run_dir = Path(out_dir) if out_dir is not None else _default_run_dir(config.preset)
         if (run_dir / CONFIG_FILE).exists():
             raise DigitlabError(f"{run_dir}: already holds a run; use --resume {run_dir} or another --out")
+    if config.batch_size % ctx.world_size:
+        raise DigitlabError(f"batch size {config.batch_size} does not split evenly over {ctx.world_size} processes")
 
-    device = resolve_device(config.device)
+    device = distributed.init(ctx, resolve_device(config.device))
     precision = resolve_precision(config.precision, device)
     train_data, val_data = data if data is not None else _load_training_data(config)
-
-    torch.manual_seed(config.seed)
-    generator = torch.Generator(device="cpu").manual_seed(config.seed)
-    model = prepare_model(create_model(config.model, **config.model_args), device)
-    optimizer = build_optimizer(model, config)
     steps_per_epoch = len(train_data) // config.batch_size
     if steps_per_epoch == 0:
         raise DigitlabError(
             f"{config.data}: {len(train_data)} training images is fewer than one batch of {config.batch_size}"
         )
-    scheduler, sched_when = build_scheduler(optimizer, config, steps_per_epoch)
-    ema = build_ema(model, config.ema_decay)
+    trainer = _build_trainer(config, ctx, device, precision, steps_per_epoch)
+    order_generator = torch.Generator().manual_seed(config.seed)  # same epoch order on every rank
 
     images = torch.from_numpy(train_data.images).to(device)
     labels = torch.from_numpy(train_data.labels).to(device)
     val_images = torch.from_numpy(val_data.images) if val_data is not None else None
     val_labels = torch.from_numpy(val_data.labels) if val_data is not None else None
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(run_dir / METRICS_FILE)
     history: list[dict[str, Any]] = []
     state: EpochState | None = None
@@ -428,12 +484,16 @@ def fit(
                 f"{run_dir}: training data changed since the run started (fingerprint "
                 f"{data_info['train_fingerprint']} != {info['data']['train_fingerprint']})"
             )
-        rng = ckpt.restore_state(tensors, header, model, optimizer, scheduler)
+        if info.get("world_size", 1) != ctx.world_size:
+            raise DigitlabError(f"{run_dir}: was trained by {info.get('world_size', 1)} process(es); "
+                                f"resume it with the same number, not {ctx.world_size}")
+        rng = ckpt.restore_state(tensors, header, trainer.bare_model, trainer.optimizer, trainer.scheduler)
         extra = ckpt.extra_tensors(tensors)
-        if ema is not None:
-            ema.load_state_dict({k[4:]: v for k, v in extra.items() if k.startswith("ema.")})
-        torch.set_rng_state(rng["torch"])
-        generator.set_state(rng["data"])
+        if trainer.ema is not None:
+            trainer.ema.load_state_dict({k[4:]: v for k, v in extra.items() if k.startswith("ema.")})
+        torch.set_rng_state(rng[f"torch.{ctx.rank}"])
+        trainer.augment_generator.set_state(rng[f"augment.{ctx.rank}"])
+        order_generator.set_state(rng["order"])
         history = info["history"]
         pos = info["position"]
         if pos["step"] > 0:  # mid-epoch stop (Ctrl-C): continue that very epoch
@@ -443,38 +503,42 @@ def fit(
             start_epoch = pos["epoch"]
         else:
             start_epoch = pos["epoch"] + 1
-        metrics.truncate_to(start_epoch, pos["step"])
+        if ctx.is_main:
+            metrics.truncate_to(start_epoch, pos["step"])
         log.info("resuming %s at epoch %d step %d", run_dir, start_epoch, pos["step"])
-    else:
+    elif ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_json(run_dir / CONFIG_FILE, {
             "config": config.to_dict(),
             "resolved": {"device": str(device), "precision": precision, "threads": torch.get_num_threads(),
-                         "steps_per_epoch": steps_per_epoch},
+                         "steps_per_epoch": steps_per_epoch, "world_size": ctx.world_size},
             "data": data_info,
-            "parameters": count_parameters(model),
+            "parameters": count_parameters(trainer.bare_model),
             "versions": ckpt.versions(),
             "started": datetime.now().isoformat(timespec="seconds"),
         })
 
     emit({"event": "start", "run_dir": str(run_dir), "config": config, "device": str(device),
           "precision": precision, "train_count": len(train_data), "val_count": data_info["val_count"],
-          "steps_per_epoch": steps_per_epoch, "start_epoch": start_epoch})
+          "steps_per_epoch": steps_per_epoch, "start_epoch": start_epoch, "world_size": ctx.world_size})
 
     def save_state(position: dict[str, Any], perm: torch.Tensor | None) -> None:
+        rng = _rng_tensors(trainer, order_generator)  # a collective: every rank takes part
+        if not ctx.is_main:
+            return
         extra = {}
         if perm is not None:
             extra["perm"] = perm
-        if ema is not None:
-            extra.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-        ckpt.save_state(run_dir / ckpt.STATE_FILE, model, optimizer, scheduler, _rng_state(generator),
+        if trainer.ema is not None:
+            extra.update({f"ema.{k}": v for k, v in trainer.ema.state_dict().items()})
+        ckpt.save_state(run_dir / ckpt.STATE_FILE, trainer.bare_model, trainer.optimizer, trainer.scheduler, rng,
                         {"position": position, "history": history, "data": data_info,
-                         "config": config.to_dict()}, extra)
+                         "config": config.to_dict(), "world_size": ctx.world_size}, extra)
 
     with _sigint_flag() as stop:
         for epoch in range(start_epoch, config.epochs + 1):
             if state is None or state.epoch != epoch:
-                perm = torch.randperm(len(images), generator=generator).to(device)
-                state = EpochState(epoch=epoch, perm=perm)
+                state = EpochState(epoch=epoch, perm=torch.randperm(len(images), generator=order_generator).to(device))
             emit({"event": "epoch_start", "epoch": epoch, "epochs": config.epochs, "steps": steps_per_epoch,
                   "step": state.step})
 
@@ -483,50 +547,57 @@ def fit(
                              "lr": rec["lr"]})
                 emit({"event": "batch", "epoch": epoch, **rec})
 
-            finished = train_one_epoch(model, images, labels, state, optimizer, scheduler,
-                                       sched_when == "step", config, generator, precision, ema, stop, on_batch)
+            finished = train_one_epoch(trainer, images, labels, state, stop, on_batch if ctx.is_main else None)
             if not finished:
                 save_state({"epoch": epoch, "step": state.step, "loss_sum": state.loss_sum,
                             "correct": state.correct, "seen": state.seen,
                             "train_seconds": state.train_seconds}, state.perm)
-                metrics.flush()
+                if ctx.is_main:
+                    metrics.flush()
                 emit({"event": "interrupted", "epoch": epoch, "step": state.step})
+                distributed.shutdown(ctx)
                 raise TrainingInterrupted(run_dir, epoch, state.step)
-            lr = optimizer.param_groups[0]["lr"]
-            if scheduler is not None and sched_when == "epoch":
-                scheduler.step()
+            lr = trainer.optimizer.param_groups[0]["lr"]
+            if trainer.scheduler is not None and not trainer.scheduler_per_step:
+                trainer.scheduler.step()
+            loss_sum, correct, seen, seconds = distributed.sum_values(
+                ctx, [state.loss_sum, state.correct, state.seen, state.train_seconds], device)
+            seconds /= ctx.world_size  # ranks run side by side: wall time is their mean
             record: dict[str, Any] = {
-                "type": "epoch", "epoch": epoch,
-                "train_loss": state.loss_sum / state.seen, "train_acc": state.correct / state.seen,
-                "lr": lr, "train_seconds": state.train_seconds,
-                "images_per_s": state.seen / state.train_seconds,
+                "type": "epoch", "epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                "lr": lr, "train_seconds": seconds, "images_per_s": seen / seconds,
             }
-            eval_model = ema.module if ema is not None else model
-            if val_images is not None and (epoch % config.eval_every == 0 or epoch == config.epochs):
+            if ctx.is_main and val_images is not None and (epoch % config.eval_every == 0 or epoch == config.epochs):
                 t0 = time.perf_counter()
-                logits = predict_logits(eval_model, val_images, config.eval_batch_size, precision, device)
+                logits = predict_logits(trainer.eval_model, val_images, config.eval_batch_size, precision, device)
                 record["val_loss"], record["val_acc"] = loss_and_accuracy(logits, val_labels)
                 record["eval_seconds"] = time.perf_counter() - t0
             history.append(record)
-            metrics.add(record)
+            if ctx.is_main:
+                metrics.add(record)
             save_state({"epoch": epoch, "step": 0}, None)
-            metrics.flush()
+            if ctx.is_main:
+                metrics.flush()
             emit({"event": "epoch", **record, "epochs": config.epochs})
 
-    final_model = ema.module if ema is not None else model
+    final_model = trainer.eval_model
     final = history[-1]
     train_seconds = sum(r["train_seconds"] for r in history)
-    ckpt.save_model(run_dir, final_model, {
-        "preset": config.preset,
-        "model": config.model,
-        "model_args": config.model_args,
-        "config": config.to_dict(),
-        "metrics": {k: v for k, v in final.items() if k not in ("type",)},
-        "data": data_info,
-        "parameters": count_parameters(final_model),
-        "train_seconds": train_seconds,
-        "precision": precision,
-    })
+    if ctx.is_main:
+        ckpt.save_model(run_dir, final_model, {
+            "preset": config.preset,
+            "model": config.model,
+            "model_args": config.model_args,
+            "config": config.to_dict(),
+            "metrics": {k: v for k, v in final.items() if k != "type"},
+            "data": data_info,
+            "parameters": count_parameters(final_model),
+            "train_seconds": train_seconds,
+            "precision": precision,
+            "world_size": ctx.world_size,
+        })
+    distributed.barrier(ctx)
+    distributed.shutdown(ctx)
     emit({"event": "end", "run_dir": str(run_dir), "final": final, "train_seconds": train_seconds})
     return RunResult(run_dir, config, final, history, final_model, train_seconds)
 
@@ -541,4 +612,3 @@ def _read_run_config(run_dir: Path) -> TrainConfig:
         return TrainConfig.from_dict(json.loads(path.read_text())["config"]).validate()
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise DigitlabError(f"{path}: corrupt run config ({exc})") from None
-
