@@ -158,6 +158,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--preset", default=None,
                        help=f"training recipe: {', '.join(list_presets())} (default: {DEFAULT_PRESET})")
+    train.add_argument("--config", type=Path, default=None, metavar="JSON",
+                       help="start from the config of a run's config.json instead of a preset")
     train.add_argument("--data", default=None, help=SOURCE_HELP + " (default: mnist:train)")
     train.add_argument("--val-data", default=None, help="a separate labelled source to validate on, "
                        "instead of a split of --data")
@@ -188,20 +190,35 @@ _TRAIN_OVERRIDES = ("data", "val_data", "val_split", "epochs", "batch_size", "lr
                     "label_smoothing", "seed", "precision", "device")
 
 
-def _run_train(args: argparse.Namespace) -> int:
+def _base_config(preset: str | None, config_file: Path | None):
+    from digitlab.config import TrainConfig
     from digitlab.presets import DEFAULT_PRESET, get_preset
+
+    if config_file is None:
+        return get_preset(preset or DEFAULT_PRESET)
+    if preset:
+        raise DigitlabError("give either --preset or --config, not both")
+    try:
+        return TrainConfig.from_dict(json.loads(config_file.read_text())["config"])
+    except FileNotFoundError:
+        raise DigitlabError(f"{config_file}: no such file") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DigitlabError(f"{config_file}: not a digitlab config ({exc})") from None
+
+
+def _run_train(args: argparse.Namespace) -> int:
     from digitlab.progress import TrainingProgress
     from digitlab.train import TrainingInterrupted, fit
 
     overrides = {name: getattr(args, name) for name in _TRAIN_OVERRIDES}
     if args.resume is not None:
         given = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None]
-        if given or args.preset or args.out:
+        if given or args.preset or args.out or args.config:
             dropped = ", ".join(given or ["--preset/--out"])
             raise DigitlabError(f"--resume continues the run with its own settings; drop {dropped}")
         config = None
     else:
-        config = get_preset(args.preset or DEFAULT_PRESET).with_overrides(**overrides)
+        config = _base_config(args.preset, args.config).with_overrides(**overrides)
     progress = TrainingProgress(quiet=args.quiet)
     try:
         result = fit(config, out_dir=args.out, resume=args.resume, callbacks=[progress])  # type: ignore[arg-type]
@@ -212,6 +229,63 @@ def _run_train(args: argparse.Namespace) -> int:
     final = result.final
     if "val_acc" in final:
         print(f"validation accuracy {100 * final['val_acc']:.2f}%  ({result.run_dir})")
+    return 0
+
+
+def _add_ensemble(sub: argparse._SubParsersAction) -> None:
+    from digitlab.presets import list_presets
+
+    ens = sub.add_parser(
+        "ensemble",
+        help="train N members of a preset with different seeds into one folder",
+        description="Members go to OUT/member-0 .. member-N-1 (seeds SEED .. SEED+N-1) and OUT/ensemble.json "
+        "lists them; evaluate, predict, report and serve accept OUT and average the members' probabilities. "
+        "Running the same command again skips finished members and resumes interrupted ones.",
+    )
+    ens.add_argument("--preset", default="best", help=f"recipe of every member: {', '.join(list_presets())}")
+    ens.add_argument("--members", type=_positive_int, default=5, help="how many members (default: 5)")
+    ens.add_argument("--jobs", type=_positive_int, default=1,
+                     help="members trained at once in separate processes, splitting the CPU cores (default: 1)")
+    ens.add_argument("--seed", type=int, default=None, help="seed of the first member (default: the preset's)")
+    ens.add_argument("--data", default=None, help=SOURCE_HELP + " (default: mnist:train)")
+    ens.add_argument("--val-split", type=float, default=None, help="fraction held out for validation")
+    ens.add_argument("--epochs", type=_positive_int, default=None, help="epochs per member")
+    ens.add_argument("--batch-size", type=_positive_int, default=None, help="images per optimizer step")
+    ens.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"], help="numeric precision")
+    ens.add_argument("--out", type=Path, required=True, help="ensemble folder")
+    ens.add_argument("--quiet", action="store_true", help="only member start/end lines")
+    ens.set_defaults(handler=_run_ensemble)
+
+
+def _run_ensemble(args: argparse.Namespace) -> int:
+    from digitlab.ensemble import train_ensemble
+    from digitlab.presets import get_preset
+    from digitlab.progress import TrainingProgress
+    from digitlab.train import TrainingInterrupted
+
+    config = get_preset(args.preset).with_overrides(
+        data=args.data, val_split=args.val_split, epochs=args.epochs, batch_size=args.batch_size,
+        precision=args.precision)
+    training = TrainingProgress(quiet=args.quiet)
+
+    def show(event: dict) -> None:
+        kind = event["event"]
+        if kind == "member_start":
+            print(f"member {event['member']} (seed {event['seed']}) started", file=sys.stderr)
+        elif kind == "member_end":
+            print(f"member {event['member']} finished", file=sys.stderr)
+        elif kind == "ensemble_start":
+            print(f"ensemble of {event['members']} x {args.preset} in {event['out']}: {event['todo']} to train, "
+                  f"{event['jobs']} at a time", file=sys.stderr)
+        elif not kind.startswith("ensemble"):
+            training(event)
+
+    try:
+        out = train_ensemble(config, args.out, args.members, jobs=args.jobs, first_seed=args.seed, callbacks=[show])
+    except (KeyboardInterrupt, TrainingInterrupted):
+        print(f"\ninterrupted; run the same command again to finish {args.out}", file=sys.stderr)
+        return 130
+    print(f"ensemble ready: {out}")
     return 0
 
 
@@ -375,6 +449,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("--tta", action="store_true", help="test-time augmentation (7 views, 7x slower)")
     predict.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
                          help="images per forward pass (default: 2048)")
+    predict.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                         help="inference engine: torch, or onnx (ONNX Runtime; RUN_DIR/model.onnx if "
+                         "fresh, else exported on the fly) (default: torch)")
     predict.set_defaults(handler=_run_predict)
 
 
@@ -382,7 +459,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     from digitlab.predict import predict_inputs, render, write_output
 
     result = predict_inputs(args.run_dir, args.inputs, top_k=args.top_k, tta=args.tta,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, backend=args.backend)
     for note in result.notes:
         print(f"digitlab: note: {note}", file=sys.stderr)
     for error in result.errors:
@@ -407,6 +484,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_data,
     _add_train,
+    _add_ensemble,
     _add_summary,
     _add_augment_preview,
     _add_serve,

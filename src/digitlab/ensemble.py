@@ -1,0 +1,141 @@
+"""Ensembles: N members of one preset trained with different seeds into one folder.
+
+`ensemble.json` lists the members; `digitlab.inference.load_predictor` averages their
+probabilities. Members train one after another in this process, or in `jobs` parallel
+processes that split the CPU cores. A rerun skips finished members and resumes
+interrupted ones, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from digitlab.checkpoint import MODEL_META, STATE_FILE, atomic_write_json
+from digitlab.config import TrainConfig
+from digitlab.errors import DigitlabError
+from digitlab.inference import ENSEMBLE_FILE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MemberPlan:
+    index: int
+    seed: int
+    run_dir: Path
+
+    @property
+    def done(self) -> bool:
+        return (self.run_dir / MODEL_META).is_file()
+
+    @property
+    def started(self) -> bool:
+        return (self.run_dir / STATE_FILE).is_file()
+
+
+def plan_members(out_dir: Path, members: int, first_seed: int) -> list[MemberPlan]:
+    if members < 1:
+        raise DigitlabError(f"an ensemble needs at least 1 member, got {members}")
+    return [MemberPlan(i, first_seed + i, out_dir / f"member-{i}") for i in range(members)]
+
+
+def _train_in_process(config: TrainConfig, plan: MemberPlan, callbacks: Iterable[Callable]) -> None:
+    from digitlab.train import fit
+
+    if plan.started:
+        fit(None, resume=plan.run_dir, callbacks=callbacks)
+    else:
+        fit(config.with_overrides(seed=plan.seed), plan.run_dir, callbacks=callbacks)
+
+
+def _member_command(config_path: Path, plan: MemberPlan) -> list[str]:
+    base = [sys.executable, "-m", "digitlab", "train", "--quiet"]
+    if plan.started:
+        return [*base, "--resume", str(plan.run_dir)]
+    return [*base, "--config", str(config_path), "--seed", str(plan.seed), "--out", str(plan.run_dir)]
+
+
+def _train_in_processes(config: TrainConfig, plans: list[MemberPlan], jobs: int, out_dir: Path,
+                        on_event: Callable[[dict[str, Any]], None]) -> None:
+    config_path = out_dir / "member-config.json"
+    atomic_write_json(config_path, {"config": config.to_dict()})
+    threads = max(1, (os.cpu_count() or 1) // jobs)  # split the cores, no oversubscription
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    pending = list(plans)
+    running: list[tuple[MemberPlan, subprocess.Popen]] = []
+    failures: list[str] = []
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                plan = pending.pop(0)
+                plan.run_dir.parent.mkdir(parents=True, exist_ok=True)
+                log_file = (out_dir / f"member-{plan.index}.log").open("a")
+                proc = subprocess.Popen(_member_command(config_path, plan), env=env, stdout=log_file,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                log_file.close()
+                running.append((plan, proc))
+                on_event({"event": "member_start", "member": plan.index, "seed": plan.seed})
+            time.sleep(0.2)
+            for plan, proc in list(running):
+                if proc.poll() is None:
+                    continue
+                running.remove((plan, proc))
+                if proc.returncode != 0:
+                    failures.append(f"member {plan.index} exited {proc.returncode} "
+                                    f"(see {out_dir / f'member-{plan.index}.log'})")
+                on_event({"event": "member_end", "member": plan.index, "returncode": proc.returncode})
+    except KeyboardInterrupt:
+        for _, proc in running:
+            proc.send_signal(2)  # SIGINT: each member saves its state before exiting
+        for _, proc in running:
+            proc.wait()
+        raise
+    if failures:
+        raise DigitlabError("; ".join(failures))
+
+
+def train_ensemble(
+    config: TrainConfig,
+    out_dir: str | Path,
+    members: int,
+    jobs: int = 1,
+    first_seed: int | None = None,
+    callbacks: Iterable[Callable[[dict[str, Any]], None]] = (),
+) -> Path:
+    """Train (or finish training) the members, then write ensemble.json; returns the folder."""
+    out_dir = Path(out_dir)
+    config = config.validate()
+    plans = plan_members(out_dir, members, config.seed if first_seed is None else first_seed)
+    callbacks = list(callbacks)
+
+    def emit(event: dict[str, Any]) -> None:
+        for cb in callbacks:
+            cb(event)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [p for p in plans if not p.done]
+    emit({"event": "ensemble_start", "members": members, "todo": len(todo), "jobs": jobs, "out": str(out_dir)})
+    if jobs <= 1:
+        for plan in todo:
+            emit({"event": "member_start", "member": plan.index, "seed": plan.seed})
+            _train_in_process(config, plan, callbacks)
+            emit({"event": "member_end", "member": plan.index, "returncode": 0})
+    else:
+        _train_in_processes(config, todo, jobs, out_dir, emit)
+    atomic_write_json(out_dir / ENSEMBLE_FILE, {
+        "kind": "ensemble",
+        "preset": config.preset,
+        "members": [p.run_dir.name for p in plans],
+        "seeds": [p.seed for p in plans],
+        "config": config.to_dict(),
+    })
+    emit({"event": "ensemble_end", "out": str(out_dir)})
+    return out_dir
