@@ -31,12 +31,18 @@ FLOOR_FRACTION = 0.05  # ...and fainter than this are paper texture / JPEG noise
 MIN_CONTRAST = 24 / 255  # less ink-to-background contrast than this counts as a blank image
 
 
-def _grey(image: Image.Image | np.ndarray) -> np.ndarray:
-    """Float grey (H, W) in [0, 1]; transparency composited onto white, as data.images.read_grey."""
+def _has_alpha(image: Image.Image | np.ndarray) -> bool:
     if isinstance(image, Image.Image):
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    return np.ndim(image) == 3 and np.shape(image)[2] == 4
+
+
+def _grey(image: Image.Image | np.ndarray, matte: int = 255) -> np.ndarray:
+    """Float grey (H, W) in [0, 1]; transparency composited onto `matte` (white, as data.images.read_grey)."""
+    if isinstance(image, Image.Image):
+        if _has_alpha(image):
             rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            background = Image.new("RGBA", rgba.size, (matte, matte, matte, 255))
             image = Image.alpha_composite(background, rgba)
         return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
     array = np.asarray(image)
@@ -46,7 +52,7 @@ def _grey(image: Image.Image | np.ndarray) -> np.ndarray:
         raise DigitlabError(f"expected a numeric image array, got dtype {array.dtype}")
     if array.ndim == 3 and array.shape[2] in (3, 4):  # (H, W, RGB[A])
         mode = "RGBA" if array.shape[2] == 4 else "RGB"
-        return _grey(Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode))
+        return _grey(Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode), matte)
     if array.ndim != 2:
         raise DigitlabError(f"expected a grey (H, W) or colour (H, W, 3|4) image, got shape {array.shape}")
     if array.size == 0 or not np.isfinite(array).all():
@@ -115,7 +121,13 @@ def mnist_style(image: Image.Image | np.ndarray, *, name: str = "image") -> np.n
     side to 20 px, anti-aliased -> centre of mass to the centre of the 28x28 field.
     `name` (a file name) prefixes error messages.
     """
-    ink = _ink(_grey(image), name)
+    try:
+        ink = _ink(_grey(image), name)
+    except DigitlabError:
+        if not _has_alpha(image):
+            raise
+        # white (light) ink on a transparent background vanishes on white: try a black matte
+        ink = _ink(_grey(image, matte=0), name)
     strong = np.argwhere(ink >= BBOX_FRACTION)
     (r0, c0), (r1, c1) = strong.min(axis=0), strong.max(axis=0) + 1
     patch = _scale_to_box(ink[r0:r1, c0:c1])
@@ -127,4 +139,12 @@ def mnist_style(image: Image.Image | np.ndarray, *, name: str = "image") -> np.n
 def load_image_file(path: str | Path) -> np.ndarray:
     """Read a PNG/JPEG/... file of one digit and return it MNIST-style (uint8 (28, 28))."""
     path = Path(path)
-    return mnist_style(read_grey(path), name=str(path))
+    grey = read_grey(path)  # unreadable files fail here, with the file named
+    try:
+        return mnist_style(grey, name=str(path))
+    except DigitlabError:
+        with Image.open(path) as img:  # read_grey flattened the alpha; light-on-clear ink needs it
+            if not _has_alpha(img):
+                raise
+            img.load()
+            return mnist_style(img, name=str(path))

@@ -1,0 +1,104 @@
+"""Accuracy table on the official MNIST test set: preset x (test accuracy, errors / 10,000,
+training minutes), with and without test-time augmentation, and an ensemble's accuracy vs N.
+
+Every model is trained on the 60,000 training images only; the test set is used for this
+table, never to choose anything. Runs already in RUNS_DIR are reused; missing ones are trained.
+
+    python benchmarks/accuracy.py --runs-dir runs/bench [--presets seed2017 fast best]
+                                  [--members 5] [--jobs 1] [--no-train]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from digitlab.data import load_mnist
+from digitlab.ensemble import train_ensemble
+from digitlab.inference import ensemble_members, is_ensemble, load_predictor
+from digitlab.predict import tta_proba
+from digitlab.presets import get_preset
+from digitlab.train import fit
+
+
+def train_minutes(run_dir: Path) -> float:
+    meta = json.loads((run_dir / "model.json").read_text())
+    return meta["train_seconds"] / 60
+
+
+def ensure_run(run_dir: Path, preset: str, allow_train: bool) -> Path | None:
+    if (run_dir / "model.json").is_file():
+        return run_dir
+    if not allow_train:
+        return None
+    resume = run_dir if (run_dir / "checkpoint.safetensors").is_file() else None
+    config = None if resume else get_preset(preset).with_overrides(val_split=0.0)
+    fit(config, None if resume else run_dir, resume=resume)
+    return run_dir
+
+
+def row(name: str, probs: np.ndarray, labels: np.ndarray, minutes: float, tta: np.ndarray | None) -> str:
+    errors = int((probs.argmax(1) != labels).sum())
+    cells = f"| {name} | {100 * (1 - errors / len(labels)):.2f}% | {errors} | {minutes:.1f} |"
+    if tta is not None:
+        tta_errors = int((tta.argmax(1) != labels).sum())
+        cells += f" {100 * (1 - tta_errors / len(labels)):.2f}% | {tta_errors} |"
+    else:
+        cells += " - | - |"
+    return cells
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs-dir", type=Path, required=True)
+    parser.add_argument("--presets", nargs="+", default=["seed2017", "fast", "best"])
+    parser.add_argument("--members", type=int, default=5, help="ensemble size of the `best` preset (0: none)")
+    parser.add_argument("--jobs", type=int, default=1, help="ensemble members trained at once")
+    parser.add_argument("--no-train", action="store_true", help="only measure runs that already exist")
+    parser.add_argument("--no-tta", action="store_true")
+    args = parser.parse_args()
+
+    test = load_mnist("test")
+    labels = test.labels
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores; MNIST test set, 10,000 images\n")
+    print("| model | test accuracy | errors / 10,000 | train minutes | with TTA | errors with TTA |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for preset in args.presets:
+        run = ensure_run(args.runs_dir / preset, preset, not args.no_train)
+        if run is None:
+            print(f"| {preset} | not trained | | | | |")
+            continue
+        predictor = load_predictor(run)
+        probs = predictor.predict_proba(test.images)
+        tta = None if args.no_tta else tta_proba(predictor, test.images)
+        print(row(preset, probs, labels, train_minutes(run), tta), flush=True)
+
+    if args.members:
+        folder = args.runs_dir / "ensemble-best"
+        if not is_ensemble(folder) and not args.no_train:
+            train_ensemble(get_preset("best").with_overrides(val_split=0.0), folder, args.members, jobs=args.jobs)
+        if is_ensemble(folder):
+            predictor = load_predictor(folder)
+            members = predictor.member_proba(test.images)  # (M, N, 10)
+            minutes = [train_minutes(m) for m in ensemble_members(folder)]
+            tta_members = None
+            if not args.no_tta:
+                tta_members = np.stack([tta_proba(load_predictor(m), test.images) for m in ensemble_members(folder)])
+            print("\nensemble of `best` members, accuracy vs N (mean of the first N members' probabilities):\n")
+            print("| members | test accuracy | errors / 10,000 | train minutes (sum) | with TTA | errors with TTA |")
+            print("|---|---:|---:|---:|---:|---:|")
+            for n in range(1, len(members) + 1):
+                tta = None if tta_members is None else tta_members[:n].mean(0)
+                print(row(f"N={n}", members[:n].mean(0), labels, sum(minutes[:n]), tta), flush=True)
+            singles = [(m.argmax(1) == labels).mean() for m in members]
+            print(f"\nsingle members: {', '.join(f'{100 * a:.2f}%' for a in singles)} "
+                  f"(mean {100 * np.mean(singles):.2f}%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Training seconds until MNIST test accuracy first reaches 99.0% and 99.5%, per preset and seed.
+
+Trains on the 60,000 training images; the test set is only measured after each epoch
+(evaluation time excluded from the clock), never used to choose anything.
+
+    python benchmarks/time_to_accuracy.py [--runs fast:1 fast:8 seed2017:20] [--seeds 0 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+
+import torch
+
+from digitlab.data import load_mnist
+from digitlab.presets import get_preset
+from digitlab.train import fit
+
+THRESHOLDS = (0.990, 0.995)
+
+
+def run_once(preset: str, epochs: int, seed: int) -> list[tuple[float, float]]:
+    """(cumulative training seconds, test accuracy) after each epoch."""
+    data = (load_mnist("train"), load_mnist("test"))
+    config = get_preset(preset).with_overrides(epochs=epochs, seed=seed, val_split=0.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = fit(config, os.path.join(tmp, "run"), data=data)
+    curve, clock = [], 0.0
+    for record in result.history:
+        clock += record["train_seconds"]
+        curve.append((clock, record["val_acc"]))
+    return curve
+
+
+def first_time(curve: list[tuple[float, float]], threshold: float) -> float | None:
+    return next((t for t, acc in curve if acc >= threshold), None)
+
+
+def describe(times: list[float | None]) -> str:
+    reached = [t for t in times if t is not None]
+    if not reached:
+        return "not reached"
+    text = f"{statistics.median(reached):.1f} s ({min(reached):.1f}-{max(reached):.1f})"
+    if len(reached) < len(times):
+        text += f", {len(reached)}/{len(times)} seeds"
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", default=["fast:1", "fast:6"],
+                        help="PRESET:EPOCHS to train (the one-cycle schedule spans all epochs)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores, threads {torch.get_num_threads()}\n")
+    print("| preset | epochs | seed | final test acc | train s | s to 99.0% | s to 99.5% |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    summary = []
+    for spec in args.runs:
+        preset, _, epochs = spec.partition(":")
+        epochs_n = int(epochs) if epochs else get_preset(preset).epochs
+        hits: dict[float, list[float | None]] = {th: [] for th in THRESHOLDS}
+        for seed in args.seeds:
+            curve = run_once(preset, epochs_n, seed)
+            for th in THRESHOLDS:
+                hits[th].append(first_time(curve, th))
+            cells = [f"{t:.1f}" if t is not None else "-" for t in (first_time(curve, th) for th in THRESHOLDS)]
+            print(f"| {preset} | {epochs_n} | {seed} | {100 * curve[-1][1]:.2f}% | {curve[-1][0]:.1f} | "
+                  f"{cells[0]} | {cells[1]} |", flush=True)
+        summary.append((preset, epochs_n, hits))
+    print("\nmedian (min-max) training seconds to reach the threshold:\n")
+    print("| preset | epochs | to 99.0% | to 99.5% |")
+    print("|---|---:|---|---|")
+    for preset, epochs_n, hits in summary:
+        print(f"| {preset} | {epochs_n} | {describe(hits[0.990])} | {describe(hits[0.995])} |")
+
+
+if __name__ == "__main__":
+    main()

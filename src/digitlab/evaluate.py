@@ -1,0 +1,196 @@
+"""Accuracy, per-class precision/recall/F1, confusion matrix and the misclassified digits of a run.
+
+`evaluate_predictions(probs, labels)` is pure; `evaluate_run(path, data)` loads and predicts first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from digitlab.data import DigitData, load_source
+from digitlab.data.dataset import NUM_CLASSES
+from digitlab.errors import DigitlabError
+from digitlab.inference import Predictor, load_predictor
+from digitlab.predict import predict_proba
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClassMetrics:
+    digit: int
+    precision: float  # of the images predicted as `digit`, the share that are; 0 if none predicted
+    recall: float  # of the images that are `digit`, the share predicted so
+    f1: float
+    support: int  # images whose true label is `digit`
+
+
+@dataclass(frozen=True)
+class Misclassified:
+    index: int  # position in the evaluated data
+    true: int
+    predicted: int
+    probability: float  # of the predicted digit
+    top3: list[tuple[int, float]]  # (digit, probability), most likely first
+
+
+@dataclass
+class EvalResult:
+    total: int
+    correct: int
+    accuracy: float
+    mean_confidence: float  # mean probability of the predicted digit
+    log_loss: float  # mean -log p(true digit), natural log
+    per_class: list[ClassMetrics]
+    confusion: np.ndarray  # (10, 10) int64: rows true digit, columns predicted digit
+    misclassified: list[Misclassified]  # most confident mistakes first
+    source: str = ""
+    fingerprint: str = ""
+    run: str = ""
+    tta: bool = False
+    seconds: float = 0.0  # prediction time
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> int:
+        return self.total - self.correct
+
+    @property
+    def macro_f1(self) -> float:
+        return float(np.mean([c.f1 for c in self.per_class]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run": self.run,
+            "source": self.source,
+            "fingerprint": self.fingerprint,
+            "tta": self.tta,
+            "total": self.total,
+            "correct": self.correct,
+            "errors": self.errors,
+            "accuracy": self.accuracy,
+            "mean_confidence": self.mean_confidence,
+            "log_loss": self.log_loss,
+            "macro_f1": self.macro_f1,
+            "per_class": [vars(c) for c in self.per_class],
+            "confusion": self.confusion.tolist(),
+            "misclassified": [
+                {"index": m.index, "true": m.true, "predicted": m.predicted, "probability": m.probability,
+                 "top3": [{"digit": d, "probability": p} for d, p in m.top3]}
+                for m in self.misclassified
+            ],
+            "seconds": self.seconds,
+            **self.extra,
+        }
+
+    def to_text(self, max_mistakes: int = 20) -> str:
+        """The human table `digitlab evaluate` prints."""
+        lines = []
+        if self.run:
+            lines.append(f"run              {self.run}")
+        lines.append(f"data             {self.source}  ({self.total:,} images, fingerprint {self.fingerprint})")
+        lines.append(f"accuracy         {100 * self.accuracy:.2f}%  ({self.errors:,} errors of {self.total:,})"
+                     + ("  [test-time augmentation]" if self.tta else ""))
+        lines.append(f"mean confidence  {self.mean_confidence:.4f}")
+        lines.append(f"log loss         {self.log_loss:.4f}")
+        lines.append(f"macro F1         {self.macro_f1:.4f}")
+        lines += ["", f"{'digit':>5}  {'precision':>9}  {'recall':>7}  {'f1':>7}  {'support':>7}"]
+        for c in self.per_class:
+            lines.append(f"{c.digit:>5}  {c.precision:>9.4f}  {c.recall:>7.4f}  {c.f1:>7.4f}  {c.support:>7,}")
+        lines += ["", "confusion matrix (rows: true digit, columns: predicted)"]
+        lines.append("      " + "".join(f"{d:>6}" for d in range(NUM_CLASSES)))
+        for d, row in enumerate(self.confusion):
+            lines.append(f"{d:>6}" + "".join(f"{n:>6}" for n in row))
+        if self.misclassified:
+            shown = self.misclassified[:max_mistakes]
+            lines += ["", f"most confident mistakes ({len(shown)} of {len(self.misclassified)})"]
+            lines.append(f"{'index':>7}  {'true':>4}  {'pred':>4}  {'p':>6}  top-3")
+            for m in shown:
+                tops = "  ".join(f"{d}:{p:.3f}" for d, p in m.top3)
+                lines.append(f"{m.index:>7}  {m.true:>4}  {m.predicted:>4}  {m.probability:>6.3f}  {tops}")
+        return "\n".join(lines)
+
+
+def _check(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels)
+    if probs.ndim != 2 or probs.shape[1] != NUM_CLASSES:
+        raise DigitlabError(f"expected probabilities of shape (N, {NUM_CLASSES}), got {probs.shape}")
+    if labels.shape != (len(probs),):
+        raise DigitlabError(f"{len(probs)} predictions but labels of shape {labels.shape}")
+    if len(labels) == 0:
+        raise DigitlabError("nothing to evaluate: no images")
+    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        raise DigitlabError(f"labels must be 0..{NUM_CLASSES - 1}, found {labels.min()}..{labels.max()}")
+    return probs, labels.astype(np.int64)
+
+
+def evaluate_predictions(probs: np.ndarray, labels: np.ndarray) -> EvalResult:
+    """Metrics for probabilities (N, 10) against true labels (N,); the prediction is the argmax."""
+    probs, labels = _check(probs, labels)
+    # argmax of the raw probabilities: rounding them first (as the seed notebook did) turns
+    # every row without a p >= 0.5 into all zeros, whose argmax is 0, and miscounts
+    predicted = probs.argmax(axis=1)
+    confusion = np.bincount(labels * NUM_CLASSES + predicted, minlength=NUM_CLASSES**2).reshape(
+        NUM_CLASSES, NUM_CLASSES
+    )
+    true_pos = np.diag(confusion).astype(np.float64)
+    support = confusion.sum(axis=1)
+    predicted_count = confusion.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # zero where undefined (no images predicted / present), as sklearn's zero_division=0
+        precision = np.where(predicted_count > 0, true_pos / predicted_count, 0.0)
+        recall = np.where(support > 0, true_pos / support, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    per_class = [
+        ClassMetrics(d, float(precision[d]), float(recall[d]), float(f1[d]), int(support[d]))
+        for d in range(NUM_CLASSES)
+    ]
+    confidence = probs[np.arange(len(probs)), predicted]
+    true_p = np.clip(probs[np.arange(len(probs)), labels], 1e-12, 1.0)
+    wrong = np.flatnonzero(predicted != labels)
+    wrong = wrong[np.argsort(-confidence[wrong], kind="stable")]  # most confident first, then by index
+    top3 = np.argsort(-probs, axis=1, kind="stable")[:, :3]
+    misclassified = [
+        Misclassified(int(i), int(labels[i]), int(predicted[i]), float(confidence[i]),
+                      [(int(d), float(probs[i, d])) for d in top3[i]])
+        for i in wrong
+    ]
+    correct = int(true_pos.sum())
+    return EvalResult(
+        total=len(labels),
+        correct=correct,
+        accuracy=correct / len(labels),
+        mean_confidence=float(confidence.mean()),
+        log_loss=float(-np.log(true_p).mean()),
+        per_class=per_class,
+        confusion=confusion.astype(np.int64),
+        misclassified=misclassified,
+    )
+
+
+def evaluate_run(
+    path: str | Path | Predictor, data: str | DigitData = "mnist:test", tta: bool = False
+) -> EvalResult:
+    """Evaluate a run folder, ensemble folder (members averaged) or loaded Predictor on labelled data."""
+    data = load_source(data) if isinstance(data, str) else data
+    if not data.has_labels:
+        raise DigitlabError(f"{data.source}: has no labels; evaluation needs a labelled source "
+                            "(e.g. mnist:test, Kaggle train.csv, images:DIR with class folders)")
+    # a folder is loaded here; anything else is taken as a loaded predictor (torch or ONNX Runtime)
+    predictor = load_predictor(path) if isinstance(path, str | Path) else path
+    t0 = time.perf_counter()
+    probs = predict_proba(predictor, data.images, tta)
+    seconds = time.perf_counter() - t0
+    result = evaluate_predictions(probs, data.labels)  # type: ignore[arg-type]
+    result.source, result.fingerprint, result.tta, result.seconds = data.source, data.fingerprint, tta, seconds
+    result.run = str(path) if isinstance(path, str | Path) else ""
+    result.extra = {"members": getattr(predictor, "members", 1), "precision": getattr(predictor, "precision", "")}
+    log.info("%s on %s: accuracy %.4f in %.2fs", result.run, data.source, result.accuracy, seconds)
+    return result

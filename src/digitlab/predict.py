@@ -1,0 +1,340 @@
+"""Inputs (Kaggle test.csv, IDX, .npy, PNG/JPEG files or folders) -> probabilities -> predictions.
+
+Also test-time augmentation (`tta_proba`, shared with evaluate) and a validated Kaggle
+submission.csv writer. One bad input is reported and skipped; the others are still predicted.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from digitlab.augment import rotate, translate
+from digitlab.checkpoint import atomic_write_bytes
+from digitlab.data.idx import read_idx
+from digitlab.data.images import IMAGE_SUFFIXES
+from digitlab.data.kaggle import load_kaggle_csv
+from digitlab.errors import DigitlabError
+from digitlab.inference import Predictor, load_predictor
+from digitlab.preprocess import load_image_file
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("csv", "json", "kaggle")
+SUBMISSION_HEADER = ("ImageId", "Label")
+
+# ---------------------------------------------------------------- test-time augmentation
+
+# Small views a writer's hand could also have produced: one-pixel shifts and +-8 degree tilts.
+# ("shift", dx, dy) in pixels; ("rotate", degrees).
+TTA_VIEWS: tuple[tuple, ...] = (
+    ("identity",),
+    ("shift", 1, 0), ("shift", -1, 0), ("shift", 0, 1), ("shift", 0, -1),
+    ("rotate", 8.0), ("rotate", -8.0),
+)
+
+
+def _view(x: torch.Tensor, view: tuple) -> torch.Tensor:
+    """x: (N, 1, 28, 28) float in [0, 1]."""
+    if view[0] == "identity":
+        return x
+    if view[0] == "shift":
+        return translate(x, float(view[1]), float(view[2]))
+    if view[0] == "rotate":
+        return rotate(x, float(view[1]), fill="constant")
+    raise ValueError(f"unknown TTA view {view!r}")
+
+
+def tta_proba(predictor: Predictor, images: np.ndarray, views: Sequence[tuple] = TTA_VIEWS) -> np.ndarray:
+    """(N, 10) probabilities averaged over `views` of uint8 images (N, 28, 28)."""
+    images = np.asarray(images)
+    if len(images) == 0:
+        return np.empty((0, 10), dtype=np.float32)
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)).float().div_(255).unsqueeze(1)
+    total = np.zeros((len(images), 10), dtype=np.float64)
+    for view in views:
+        # back to uint8: the Predictor's input contract; rounding costs < 0.5/255 per pixel
+        shifted = (_view(x, view).clamp_(0, 1) * 255).round_().to(torch.uint8).squeeze(1).numpy()
+        total += predictor.predict_proba(shifted)
+    return (total / len(views)).astype(np.float32)
+
+
+def predict_proba(predictor: Predictor, images: np.ndarray, tta: bool = False) -> np.ndarray:
+    return tta_proba(predictor, images) if tta else predictor.predict_proba(images)
+
+
+# ---------------------------------------------------------------- reading inputs
+
+
+@dataclass
+class InputBatch:
+    """The images of one input argument, each with a name saying where it came from."""
+
+    source: str  # the input as given
+    kind: str  # "kaggle", "idx", "npy", "image"
+    images: np.ndarray  # (N, 28, 28) uint8
+    names: list[str]
+
+
+@dataclass
+class Prediction:
+    source: str  # file, or file#row for multi-image files (row 1-based)
+    prediction: int
+    probability: float
+    top_k: list[tuple[int, float]]  # (digit, probability), most likely first
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["top_k"] = [{"digit": k, "probability": p} for k, p in self.top_k]
+        return d
+
+
+@dataclass
+class PredictionResult:
+    predictions: list[Prediction]
+    errors: list[str] = field(default_factory=list)  # one line per input that could not be read
+    notes: list[str] = field(default_factory=list)  # things the user should know, not failures
+    batches: list[InputBatch] = field(default_factory=list, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def _is_idx(path: Path) -> bool:
+    name = path.name.lower().removesuffix(".gz")
+    return name.endswith(("-ubyte", ".idx")) or "idx1" in name or "idx3" in name
+
+
+def _as_images(array: np.ndarray, path: Path) -> np.ndarray:
+    """(N, 28, 28) or (N, 784) (or one (28, 28) image) of 0..255 values -> uint8 (N, 28, 28)."""
+    if array.ndim == 2 and array.shape == (28, 28):
+        array = array[None]
+    if array.ndim == 2 and array.shape[1] == 784:
+        array = array.reshape(-1, 28, 28)
+    if array.ndim != 3 or array.shape[1:] != (28, 28):
+        per_image = int(np.prod(array.shape[1:])) if array.ndim >= 2 else array.size
+        raise DigitlabError(
+            f"{path}: array of shape {array.shape} ({per_image} pixels per image), expected (N, 28, 28) "
+            "or (N, 784)"
+        )
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise DigitlabError(f"{path}: dtype {array.dtype}, expected numbers 0..255")
+    if array.dtype == np.uint8:
+        return array
+    values = array.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise DigitlabError(f"{path}: holds NaN or infinite values")
+    if np.issubdtype(array.dtype, np.floating) and values.size and values.min() >= 0 and values.max() <= 1:
+        values = values * 255  # float images scaled to [0, 1], as a model's input would be
+        log.info("%s: float values within [0, 1]: scaled by 255", path)
+    if values.size and (values.min() < 0 or values.max() > 255):
+        raise DigitlabError(f"{path}: values {values.min():g}..{values.max():g}, expected 0..255")
+    return np.rint(values).astype(np.uint8)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as exc:  # pickled object arrays, bad header
+        raise DigitlabError(f"{path}: not a plain .npy array ({exc})") from None
+    except (OSError, EOFError) as exc:
+        raise DigitlabError(f"{path}: cannot read .npy file ({exc})") from None
+    if not isinstance(array, np.ndarray):  # np.load on an .npz gives an archive
+        raise DigitlabError(f"{path}: an .npz archive, expected one .npy array")
+    return _as_images(array, path)
+
+
+def _load_idx(path: Path) -> np.ndarray:
+    array = read_idx(path)
+    if array.ndim == 1:
+        raise DigitlabError(f"{path}: an IDX label file (1-D, {len(array)} values), expected images")
+    return _as_images(array, path)
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DigitlabError(f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
+    return files
+
+
+def read_inputs(inputs: Iterable[str | Path]) -> tuple[list[InputBatch], list[str], list[str]]:
+    """Read every input; returns (batches, errors, notes). A bad file becomes an error line, not a stop."""
+    batches: list[InputBatch] = []
+    errors: list[str] = []
+    notes: list[str] = []
+
+    def attempt(source: str, kind: str, load) -> None:
+        try:
+            images = load()
+        except DigitlabError as exc:
+            errors.append(str(exc))
+            return
+        names = [source] if kind == "image" else [f"{source}#{i + 1}" for i in range(len(images))]
+        batches.append(InputBatch(source, kind, images, names))
+
+    for given in inputs:
+        text = str(given)
+        if text.startswith("kaggle:"):
+            text = text[len("kaggle:") :]
+            kind = "kaggle"
+        else:
+            kind = ""
+        path = Path(text)
+        if path.is_dir() and kind != "kaggle":
+            try:
+                files = _folder_files(path)
+            except DigitlabError as exc:
+                errors.append(str(exc))
+                continue
+            for file in files:
+                attempt(str(file), "image", lambda f=file: load_image_file(f)[None])
+            continue
+        if not path.exists():
+            errors.append(f"{path}: no such file or directory")
+            continue
+        suffix = path.suffix.lower()
+        if kind == "kaggle" or suffix == ".csv":
+            def load_csv(path: Path = path) -> np.ndarray:
+                data = load_kaggle_csv(path)
+                if data.has_labels:
+                    notes.append(f"{path}: has a label column (train.csv form); labels ignored")
+                return data.images
+
+            attempt(str(path), "kaggle", load_csv)
+        elif suffix == ".npy":
+            attempt(str(path), "npy", lambda p=path: _load_npy(p))
+        elif _is_idx(path):
+            attempt(str(path), "idx", lambda p=path: _load_idx(p))
+        else:  # anything else is tried as an image; PIL tells if it is not one
+            attempt(str(path), "image", lambda p=path: load_image_file(p)[None])
+    return batches, errors, notes
+
+
+# ---------------------------------------------------------------- predicting
+
+
+def top_k(probs: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
+    """Per row: the k most likely (digit, probability), highest first (ties: lower digit first)."""
+    k = max(1, min(k, probs.shape[1]))
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [[(int(d), float(p[d])) for d in row] for row, p in zip(order, probs, strict=True)]
+
+
+def predictions_from_proba(probs: np.ndarray, names: Sequence[str], k: int = 3) -> list[Prediction]:
+    labels = probs.argmax(axis=1)
+    return [
+        Prediction(name, int(label), float(p[label]), tops)
+        for name, label, p, tops in zip(names, labels, probs, top_k(probs, k), strict=True)
+    ]
+
+
+def predict_inputs(
+    run: str | Path | Predictor,
+    inputs: Iterable[str | Path],
+    top_k: int = 3,
+    tta: bool = False,
+    batch_size: int | None = None,
+    backend: str = "torch",
+) -> PredictionResult:
+    """Predict every image of every input with a run folder, ensemble folder or loaded Predictor.
+
+    backend="onnx" runs a folder's model in ONNX Runtime (see digitlab.export).
+    """
+    predictor = load_predictor(run, backend=backend) if isinstance(run, str | Path) else run
+    if batch_size is not None:
+        predictor.batch_size = batch_size
+    batches, errors, notes = read_inputs(inputs)
+    predictions: list[Prediction] = []
+    if batches:
+        images = np.concatenate([b.images for b in batches])
+        names = [n for b in batches for n in b.names]
+        probs = predict_proba(predictor, images, tta)
+        predictions = predictions_from_proba(probs, names, top_k)
+    log.info("predicted %d images from %d inputs (%d errors)", len(predictions), len(batches), len(errors))
+    return PredictionResult(predictions, errors, notes, batches)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def predictions_csv(predictions: Sequence[Prediction]) -> str:
+    """source,prediction,probability,top_k with top_k as 'digit:probability' pairs, space-separated."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["source", "prediction", "probability", "top_k"])
+    for p in predictions:
+        tops = " ".join(f"{d}:{q:.4f}" for d, q in p.top_k)
+        writer.writerow([p.source, p.prediction, f"{p.probability:.4f}", tops])
+    return out.getvalue()
+
+
+def predictions_json(predictions: Sequence[Prediction]) -> str:
+    return json.dumps([p.to_dict() for p in predictions], indent=2) + "\n"
+
+
+def validate_submission(ids: np.ndarray, labels: np.ndarray, expected_rows: int) -> None:
+    """Kaggle's rules: one row per test image, ImageId 1..N in order, Label an integer 0..9."""
+    ids, labels = np.asarray(ids), np.asarray(labels)
+    if len(ids) != expected_rows or len(labels) != expected_rows:
+        raise DigitlabError(f"submission has {len(labels)} rows, expected {expected_rows} (one per test image)")
+    if not np.array_equal(ids, np.arange(1, expected_rows + 1)):
+        bad = int(np.flatnonzero(ids != np.arange(1, expected_rows + 1))[0])
+        raise DigitlabError(f"submission row {bad + 1}: ImageId {ids[bad]}, expected {bad + 1}")
+    if not np.issubdtype(labels.dtype, np.integer) or (labels.size and (labels.min() < 0 or labels.max() > 9)):
+        raise DigitlabError("submission labels must be integers 0..9")
+
+
+def submission_csv(labels: Sequence[int] | np.ndarray, expected_rows: int) -> str:
+    labels = np.asarray(labels)
+    ids = np.arange(1, len(labels) + 1)
+    validate_submission(ids, labels, expected_rows)
+    rows = "".join(f"{i},{int(label)}\n" for i, label in zip(ids, labels, strict=True))
+    return ",".join(SUBMISSION_HEADER) + "\n" + rows
+
+
+def read_submission(path: str | Path, expected_rows: int | None = None) -> np.ndarray:
+    """Read back and check a submission.csv; returns its labels (tests, and before uploading)."""
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    if not lines or lines[0].strip() != ",".join(SUBMISSION_HEADER):
+        raise DigitlabError(f"{path}: line 1: header must be {','.join(SUBMISSION_HEADER)}")
+    ids, labels = [], []
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            a, b = line.split(",")
+            ids.append(int(a))
+            labels.append(int(b))
+        except ValueError:
+            raise DigitlabError(f"{path}: line {number}: {line!r}, expected ImageId,Label integers") from None
+    validate_submission(np.array(ids), np.array(labels), len(ids) if expected_rows is None else expected_rows)
+    return np.array(labels)
+
+
+def render(result: PredictionResult, fmt: str) -> str:
+    """The text of the output file in `fmt` (csv, json or kaggle)."""
+    if fmt == "csv":
+        return predictions_csv(result.predictions)
+    if fmt == "json":
+        return predictions_json(result.predictions)
+    if fmt == "kaggle":
+        if len(result.batches) != 1 or result.batches[0].kind != "kaggle" or result.errors:
+            raise DigitlabError("--format kaggle needs exactly one readable Kaggle test.csv input")
+        return submission_csv([p.prediction for p in result.predictions], len(result.batches[0].images))
+    raise DigitlabError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def write_output(text: str, path: str | Path) -> Path:
+    """Atomic: an interrupted run never leaves a half-written submission behind."""
+    path = Path(path)
+    atomic_write_bytes(path, text.encode())
+    return path

@@ -1,0 +1,120 @@
+"""The HTML run report: every figure embedded and saved beside it, no external resources, ensembles."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from digitlab.cli import main
+from digitlab.data import DigitData
+from digitlab.report import FIGURE_FILES, REPORT_SECTIONS, smooth, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def eval_data(mnist_test: DigitData) -> DigitData:
+    return mnist_test.subset(np.arange(1000), "mnist:test[:1000]")
+
+
+@pytest.fixture(scope="module")
+def report(tiny_run: Path, eval_data: DigitData, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_report(tiny_run, eval_data, tmp_path_factory.mktemp("report") / "report.html")
+
+
+def embedded_pngs(html: str) -> list[bytes]:
+    return [base64.b64decode(b) for b in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)]
+
+
+def test_every_figure_embedded_and_saved(report: Path) -> None:
+    html = report.read_text()
+    pngs = embedded_pngs(html)
+    assert len(pngs) == len(FIGURE_FILES) == 5
+    for section in REPORT_SECTIONS:
+        assert f'<section id="{section}">' in html
+    for name in FIGURE_FILES.values():
+        path = report.parent / name
+        assert path.is_file() and path.read_bytes().startswith(PNG_MAGIC)
+        assert path.read_bytes() in pngs  # the file beside the HTML is the very figure embedded
+    for png in pngs:
+        assert Image.open(io.BytesIO(png)).size[0] > 300
+
+
+def test_self_contained(report: Path) -> None:
+    html = report.read_text()
+    links = re.findall(r'(?:src|href)="([^"]*)"', html)
+    assert links and all(link.startswith(("data:", "#")) for link in links)
+    assert "http://" not in html and "https://" not in html and "<script" not in html
+
+
+def test_contents(report: Path, eval_data: DigitData) -> None:
+    html = report.read_text()
+    assert "mnist:test[:1000]" in html and eval_data.fingerprint in html
+    assert "Total params: 594,922" in html  # the model summary table
+    assert "&quot;optimizer&quot;: &quot;adam&quot;" in html  # the run's configuration, escaped
+    assert "versions now: torch" in html and "training time" in html
+    assert "most confident first" in html
+
+
+def test_cli_default_out(tiny_run: Path, tmp_path: Path, eval_data: DigitData,
+                         capsys: pytest.CaptureFixture) -> None:
+    from digitlab.data import write_idx_dir
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")  # the report goes inside the run folder
+    write_idx_dir(tmp_path / "idx", eval_data.subset(np.arange(300)), split="test")
+    assert main(["report", str(run), "--data", f"idx:{tmp_path / 'idx'}:test"]) == 0
+    out = run / "report" / "report.html"
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert len(embedded_pngs(out.read_text())) == 5
+    assert all((run / "report" / name).is_file() for name in FIGURE_FILES.values())
+
+
+def test_ensemble_report(tiny_run: Path, eval_data: DigitData, tmp_path: Path) -> None:
+    ensemble = tmp_path / "ens"
+    ensemble.mkdir()
+    (ensemble / "ensemble.json").write_text(json.dumps({"members": [str(tiny_run), str(tiny_run)]}))
+    html = write_report(ensemble, eval_data.subset(np.arange(200))).read_text()
+    assert "ensemble of 2" in html and len(embedded_pngs(html)) == 5
+    assert "Showing 2 of 2 members" in html
+
+
+def test_not_html_is_an_error(tiny_run: Path, eval_data: DigitData, tmp_path: Path) -> None:
+    from digitlab.errors import DigitlabError
+
+    with pytest.raises(DigitlabError, match=r"report\.pdf: the report is HTML"):
+        write_report(tiny_run, eval_data, tmp_path / "report.pdf")
+
+
+def test_smooth() -> None:
+    np.testing.assert_allclose(smooth(np.full(50, 3.0)), 3.0)  # bias-corrected: no ramp from zero
+    assert smooth(np.array([1.0, 0.0]))[1] == pytest.approx(0.9 / 1.9)
+
+
+@pytest.mark.browser
+def test_report_renders_in_chromium(report: Path, tmp_path: Path) -> None:
+    if not CHROMIUM.exists():
+        if os.environ.get("DIGITLAB_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"{CHROMIUM} missing and DIGITLAB_REQUIRE_BROWSER=1")
+        pytest.skip(f"{CHROMIUM} not installed")
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         f"--screenshot={shot}", "--window-size=1200,2400", report.as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.shape == (2400, 1200)
+    # the sample grid and confusion matrix put large dark areas on the page; a page whose images
+    # failed to load would be nearly all white text background
+    assert (pixels < 60).mean() > 0.02
