@@ -345,18 +345,16 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it)")
     serve.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
-    serve.add_argument("--backend", choices=["torch", "onnx"], default="torch",
-                       help="inference engine: torch, or onnx (ONNX Runtime: less CPU per image) "
-                       "(default: torch)")
-    serve.add_argument("--workers", type=_positive_int, default=1,
-                       help="server processes, each with its own copy of the model (default: 1)")
+    serve.add_argument("--backend", choices=["torch", "onnx"], default="onnx",
+                       help="inference engine: onnx (ONNX Runtime, the model exported in memory at "
+                       "start-up; less latency and CPU per request) or torch (default: onnx)")
     serve.set_defaults(handler=_run_serve)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from digitlab.serve import run_server
 
-    run_server(args.run_dir, host=args.host, port=args.port, backend=args.backend, workers=args.workers)
+    run_server(args.run_dir, host=args.host, port=args.port, backend=args.backend)
     return 0
 
 

@@ -92,10 +92,15 @@ def _load_torch(run_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
 
 def export_onnx_bytes(run_dir: str | Path) -> bytes:
     """Serialized, checked ONNX model of a run folder (or ensemble), metadata included."""
-    import onnx
-
     run_dir = Path(run_dir)
     module, meta = _load_torch(run_dir)
+    return module_to_onnx(module, meta, f"digitlab {meta.get('preset', '')} model exported from {run_dir.name}")
+
+
+def module_to_onnx(module: nn.Module, meta: dict[str, Any] | None = None, doc: str = "") -> bytes:
+    """A float32 eval-mode module `(N, 1, 28, 28) -> (N, 10)` as a checked ONNX model."""
+    import onnx
+
     buffer = io.BytesIO()
     example = torch.zeros(2, 1, 28, 28)
     with warnings.catch_warnings():
@@ -108,8 +113,8 @@ def export_onnx_bytes(run_dir: str | Path) -> bytes:
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
         )
     model = onnx.load_from_string(buffer.getvalue())
-    onnx.helper.set_model_props(model, onnx_metadata(meta))
-    model.doc_string = f"digitlab {meta.get('preset', '')} model exported from {run_dir.name}"
+    onnx.helper.set_model_props(model, onnx_metadata(meta or {}))
+    model.doc_string = doc
     onnx.checker.check_model(model)
     return model.SerializeToString()
 
@@ -124,6 +129,30 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None) -> Path:
     atomic_write_bytes(target, blob)
     log.info("wrote %s (%d bytes)", target, len(blob))
     return target
+
+
+def parity_check(run_dir: str | Path, onnx_path: str | Path, images: np.ndarray | None = None,
+                 tolerance: float = 1e-4) -> dict[str, Any]:
+    """Compare ONNX Runtime with fp32 torch on `images` (default: the first 1,000 MNIST test digits).
+
+    Raises DigitlabError when the largest logit difference exceeds `tolerance`.
+    """
+    source = "given"
+    if images is None:
+        from digitlab.data import load_mnist
+
+        images, source = load_mnist("test").images[:1000], "MNIST test"
+    module, _ = _load_torch(Path(run_dir))
+    x = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).float().div_(255.0)  # (N, 1, 28, 28)
+    with torch.inference_mode():
+        expected = module(x).numpy()
+    got = onnx_session(str(onnx_path)).run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+    diff = float(np.abs(expected - got).max()) if len(x) else 0.0
+    report = {"images": len(x), "source": source, "max_abs_diff": diff,
+              "agreement": float((expected.argmax(1) == got.argmax(1)).mean()) if len(x) else 1.0}
+    if not diff <= tolerance:
+        raise DigitlabError(f"{onnx_path}: ONNX Runtime differs from torch by {diff:.2e} (> {tolerance:g})")
+    return report
 
 
 def read_onnx_metadata(path: str | Path) -> dict[str, str]:
@@ -172,7 +201,8 @@ class OnnxPredictor:
         return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def _session(model: bytes | str, threads: int | None) -> Any:
+def onnx_session(model: bytes | str, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session; `threads` intra-op threads (None: one per core)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -220,7 +250,7 @@ def load_onnx_predictor(path: str | Path, batch_size: int = 2048, threads: int |
         if path.suffix != ".onnx":
             raise DigitlabError(f"{path}: expected an .onnx file or a run folder")
         props = _read_props_safely(path)
-        return OnnxPredictor(_session(str(path), threads), _meta_from_props(props), batch_size)
+        return OnnxPredictor(onnx_session(str(path), threads), _meta_from_props(props), batch_size)
     if not path.is_dir():
         raise DigitlabError(f"{path}: no such run folder or .onnx file")
     meta = load_predictor(path, precision="fp32").meta if is_ensemble(path) else _read_meta(path)
@@ -228,9 +258,9 @@ def load_onnx_predictor(path: str | Path, batch_size: int = 2048, threads: int |
     onnx_path = path / ONNX_FILE
     if _is_fresh(onnx_path, path):
         log.info("using %s", onnx_path)
-        return OnnxPredictor(_session(str(onnx_path), threads), meta, batch_size)
+        return OnnxPredictor(onnx_session(str(onnx_path), threads), meta, batch_size)
     log.info("exporting %s to ONNX in memory", path)
-    return OnnxPredictor(_session(export_onnx_bytes(path), threads), meta, batch_size)
+    return OnnxPredictor(onnx_session(export_onnx_bytes(path), threads), meta, batch_size)
 
 
 def _read_meta(run_dir: Path) -> dict[str, Any]:

@@ -1,0 +1,164 @@
+"""The drawing page in headless Chromium: draw digits with the mouse, read the prediction.
+
+Needs Debian's chromium at /usr/bin/chromium (skipped without it unless DIGITLAB_REQUIRE_BROWSER=1).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path(os.environ.get("DIGITLAB_CHROMIUM", "/usr/bin/chromium"))
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+LOCAL_HOSTS = {"127.0.0.1", "localhost"}
+
+# Strokes in the page's 280x280 canvas units, one list of points per pen-down.
+STROKES = {
+    "1": [[(140, 45), (140, 235)]],
+    "7": [[(80, 60), (200, 60), (120, 230)]],
+    "0": [[(140, 50), (98, 75), (85, 140), (98, 205), (140, 230), (182, 205), (195, 140), (182, 75),
+           (140, 50)]],
+}
+
+
+def _require_browser() -> None:
+    required = os.environ.get("DIGITLAB_REQUIRE_BROWSER") == "1"
+    problem = None
+    if not CHROMIUM.exists():
+        problem = f"{CHROMIUM} not found (apt-get install -y chromium)"
+    else:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            problem = "the playwright Python package is not installed"
+    if problem:
+        if required:
+            pytest.fail(f"DIGITLAB_REQUIRE_BROWSER=1 but {problem}")
+        pytest.skip(problem)
+
+
+@pytest.fixture(scope="module")
+def live_url(tiny_run: Path) -> Iterator[str]:
+    """The app for `tiny_run` under uvicorn in a thread, on a free loopback port."""
+    _require_browser()
+    import uvicorn
+
+    from digitlab.serve import create_app
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))  # the socket is handed to uvicorn: no race for the port
+    server = uvicorn.Server(uvicorn.Config(create_app(tiny_run), log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    _require_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        yield browser
+        browser.close()
+
+
+def _open(browser, url: str, width: int, height: int, external: list[str]):
+    """A fresh page whose every request to a non-loopback host is recorded and aborted."""
+    context = browser.new_context(viewport={"width": width, "height": height}, device_scale_factor=1)
+
+    def guard(route) -> None:
+        parsed = urlparse(route.request.url)
+        if parsed.scheme in ("data", "blob") or parsed.hostname in LOCAL_HOSTS:
+            route.continue_()
+        else:
+            external.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", guard)
+    page = context.new_page()
+    page.on("request", lambda r: None if urlparse(r.url).scheme in ("data", "blob")
+            or urlparse(r.url).hostname in LOCAL_HOSTS else external.append(r.url))
+    page.goto(url + "/", wait_until="networkidle")
+    return context, page
+
+
+def _draw(page, strokes: list[list[tuple[int, int]]]) -> str:
+    """Draw stroke by stroke with the mouse; returns the digit the page shows once settled."""
+    page.click("#clear")
+    box = page.locator("#pad").bounding_box()
+    scale = box["width"] / 280
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return box["x"] + x * scale, box["y"] + y * scale
+
+    for stroke in strokes:
+        page.mouse.move(*at(*stroke[0]))
+        page.mouse.down()
+        for point in stroke[1:]:
+            page.mouse.move(*at(*point), steps=8)
+        page.mouse.up()
+    page.wait_for_selector('body[data-busy="0"][data-digit]', timeout=10_000)
+    return page.inner_text("#digit")
+
+
+def test_draw_digits_and_see_them_recognised(browser, live_url: str) -> None:
+    external: list[str] = []
+    context, page = _open(browser, live_url, 1000, 760, external)
+    try:
+        page.wait_for_function("document.getElementById('model-info').textContent.includes('model')")
+        for digit, strokes in STROKES.items():
+            assert _draw(page, strokes) == digit, f"drew a {digit}"
+            # the bar chart and the 28x28 preview follow the answer
+            assert page.locator("#bars li.best .name").inner_text() == digit
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "serve-page-desktop.png"), full_page=True)
+        seen_ink = page.evaluate(
+            "() => { const d = document.getElementById('seen').getContext('2d').getImageData(0, 0, 28, 28).data;"
+            " let s = 0; for (let i = 0; i < d.length; i += 4) s += d[i]; return s; }")
+        assert seen_ink > 0, "the model's 28x28 view is drawn"
+        page.click("#clear")
+        assert page.inner_text("#digit") == "–"
+    finally:
+        context.close()
+    assert external == [], f"the page contacted non-local hosts: {external}"
+
+
+def test_phone_width_canvas_fits(browser, live_url: str) -> None:
+    external: list[str] = []
+    context, page = _open(browser, live_url, 390, 844, external)
+    try:
+        box = page.locator("#pad").bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 390, box
+        assert box["width"] >= 250, "the canvas stays big enough to draw on"
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390, "no sideways scrolling"
+        assert _draw(page, STROKES["7"]) == "7"
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "serve-page-phone.png"), full_page=True)
+    finally:
+        context.close()
+    assert external == [], f"the page contacted non-local hosts: {external}"
