@@ -50,3 +50,18 @@ def test_duplicate_registration_refused() -> None:
 def test_unknown_model_lists_valid_names() -> None:
     with pytest.raises(DigitlabError, match=r"unknown model 'nope'.*seed2017"):
         create_model("nope")
+
+
+def test_fast_dropout_rate_scale_and_eval_identity() -> None:
+    from digitlab.models import FastDropout
+
+    torch.manual_seed(0)
+    drop = FastDropout(0.05)
+    x = torch.ones(1_000_001)
+    y = drop(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.05) < 0.002
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.95))
+    assert not torch.equal(drop(x), y)  # a new mask every call
+    drop.eval()
+    assert drop(x) is x

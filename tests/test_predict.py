@@ -211,3 +211,14 @@ def test_printed_digits_are_recognised(tiny_run: Path, tmp_path: Path) -> None:
     naive = load_predictor(tiny_run).predict_proba(
         np.stack([plain_resize(Image.open(p).convert("L")) for p in paths])).argmax(1)
     assert correct >= int((naive == truth).sum()) + 10
+
+
+def test_int8_predictor_agrees_with_fp32(tiny_run, mnist_test) -> None:
+    from digitlab.inference import load_predictor
+
+    images = mnist_test.images[:2000]
+    fp32 = load_predictor(tiny_run, precision="fp32").predict_proba(images).argmax(1)
+    int8 = load_predictor(tiny_run, precision="int8")
+    assert int8.precision == "int8"
+    agreement = (int8.predict_proba(images).argmax(1) == fp32).mean()
+    assert agreement >= 0.99

@@ -391,6 +391,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (or ensemble folder)")
     evaluate.add_argument("--data", default="mnist:test", help=SOURCE_HELP + " (default: mnist:test)")
+    evaluate.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
+                          help="inference precision (int8: static quantization calibrated on training images)")
     evaluate.add_argument("--json", action="store_true", help="print JSON (all mistakes) instead of a table")
     evaluate.add_argument("--tta", action="store_true",
                           help="test-time augmentation: average over 1-px shifts and +-8 degree tilts (7x slower)")
@@ -402,7 +404,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from digitlab.evaluate import evaluate_run
 
-    result = evaluate_run(args.run_dir, args.data, tta=args.tta)
+    result = evaluate_run(args.run_dir, args.data, tta=args.tta, precision=args.precision)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_text(max_mistakes=args.mistakes))
     return 0
 
@@ -453,6 +455,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                          help="inference engine: torch, or onnx (ONNX Runtime; RUN_DIR/model.onnx if "
                          "fresh, else exported on the fly) (default: torch)")
+    predict.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
+                         help="torch backend: auto (bf16 on CPUs with native bf16), fp32, bf16, or int8 "
+                         "(static quantization calibrated on training images; fastest on VNNI CPUs)")
     predict.set_defaults(handler=_run_predict)
 
 
@@ -460,7 +465,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     from digitlab.predict import predict_inputs, render, write_output
 
     result = predict_inputs(args.run_dir, args.inputs, top_k=args.top_k, tta=args.tta,
-                            batch_size=args.batch_size, backend=args.backend)
+                            batch_size=args.batch_size, backend=args.backend, precision=args.precision)
     for note in result.notes:
         print(f"digitlab: note: {note}", file=sys.stderr)
     for error in result.errors:

@@ -176,7 +176,8 @@ def evaluate_predictions(probs: np.ndarray, labels: np.ndarray) -> EvalResult:
 
 
 def evaluate_run(
-    path: str | Path | Predictor, data: str | DigitData = "mnist:test", tta: bool = False
+    path: str | Path | Predictor, data: str | DigitData = "mnist:test", tta: bool = False,
+    precision: str = "auto",
 ) -> EvalResult:
     """Evaluate a run folder, ensemble folder (members averaged) or loaded Predictor on labelled data."""
     data = load_source(data) if isinstance(data, str) else data
@@ -184,7 +185,7 @@ def evaluate_run(
         raise DigitlabError(f"{data.source}: has no labels; evaluation needs a labelled source "
                             "(e.g. mnist:test, Kaggle train.csv, images:DIR with class folders)")
     # a folder is loaded here; anything else is taken as a loaded predictor (torch or ONNX Runtime)
-    predictor = load_predictor(path) if isinstance(path, str | Path) else path
+    predictor = load_predictor(path, precision=precision) if isinstance(path, str | Path) else path
     t0 = time.perf_counter()
     probs = predict_proba(predictor, data.images, tta)
     seconds = time.perf_counter() - t0

@@ -52,23 +52,53 @@ def keras_init_(model: nn.Module) -> nn.Module:
     return model
 
 
+class FastDropout(nn.Module):
+    """Dropout whose mask costs half the random numbers of `nn.Dropout`.
+
+    torch's CPU `bernoulli_` draws one 32-bit number per element and was 11% of a seed2017
+    training step; here each 32-bit draw gives two 16-bit uniforms, and an element is
+    dropped when its uniform falls below round(p * 65536) / 65536 (p = 0.05 becomes
+    0.0500031). Identity in eval mode, so exported models contain no trace of it.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+        self.threshold = round(p * 65536) - 32768  # compared with int16 values in [-32768, 32767]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        n = x.numel()
+        # the full signed range: a plain random_() leaves the sign bit 0, biasing the high half
+        bits = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_(-(2**31), 2**31 - 1)
+        uniform16 = bits.view(torch.int16)[:n].view(x.shape)
+        keep = uniform16 >= self.threshold
+        return x * keep * (1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class Seed2017Net(nn.Module):
     """The 2017 notebook's Keras network, layer for layer (594,922 parameters)."""
 
     def __init__(self, dropout: float = 0.05) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3), nn.ReLU(),       # (B, 32, 26, 26)
-            nn.Conv2d(32, 32, 3), nn.ReLU(),      # (B, 32, 24, 24)
-            nn.MaxPool2d(2), nn.Dropout(dropout),  # (B, 32, 12, 12)
-            nn.Conv2d(32, 64, 3), nn.ReLU(),      # (B, 64, 10, 10)
-            nn.Conv2d(64, 64, 3), nn.ReLU(),      # (B, 64, 8, 8)
-            nn.MaxPool2d(2), nn.Dropout(dropout),  # (B, 64, 4, 4)
+            nn.Conv2d(1, 32, 3), nn.ReLU(inplace=True),    # (B, 32, 26, 26)
+            nn.Conv2d(32, 32, 3), nn.ReLU(inplace=True),   # (B, 32, 24, 24)
+            nn.MaxPool2d(2), FastDropout(dropout),          # (B, 32, 12, 12)
+            nn.Conv2d(32, 64, 3), nn.ReLU(inplace=True),   # (B, 64, 10, 10)
+            nn.Conv2d(64, 64, 3), nn.ReLU(inplace=True),   # (B, 64, 8, 8)
+            nn.MaxPool2d(2), FastDropout(dropout),          # (B, 64, 4, 4)
         )
         self.classifier = nn.Sequential(
-            nn.Flatten(),                          # (B, 1024)
-            nn.Linear(1024, 512), nn.ReLU(), nn.Dropout(dropout),
-            nn.Linear(512, 10),                    # (B, 10) logits
+            nn.Flatten(),                                   # (B, 1024)
+            nn.Linear(1024, 512), nn.ReLU(inplace=True), FastDropout(dropout),
+            nn.Linear(512, 10),                             # (B, 10) logits
         )
         keras_init_(self)
 

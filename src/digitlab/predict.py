@@ -245,12 +245,14 @@ def predict_inputs(
     tta: bool = False,
     batch_size: int | None = None,
     backend: str = "torch",
+    precision: str = "auto",
 ) -> PredictionResult:
     """Predict every image of every input with a run folder, ensemble folder or loaded Predictor.
 
     backend="onnx" runs a folder's model in ONNX Runtime (see digitlab.export).
     """
-    predictor = load_predictor(run, backend=backend) if isinstance(run, str | Path) else run
+    is_folder = isinstance(run, str | Path)
+    predictor = load_predictor(run, backend=backend, precision=precision) if is_folder else run
     if batch_size is not None:
         predictor.batch_size = batch_size
     batches, errors, notes = read_inputs(inputs)
