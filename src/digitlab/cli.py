@@ -146,6 +146,17 @@ def _run_data_download(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- training
 
 
+def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
+    """The recipe fields that both `train` and `ensemble` let a flag override."""
+    parser.add_argument("--data", default=None, help=SOURCE_HELP + " (default: mnist:train)")
+    parser.add_argument("--val-split", type=float, default=None,
+                        help="fraction of --data held out for validation, stratified (seed2017: 0.2)")
+    parser.add_argument("--epochs", type=_positive_int, default=None, help="passes over the training data")
+    parser.add_argument("--batch-size", type=_positive_int, default=None, help="images per optimizer step")
+    parser.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
+                        help="auto picks bf16 where the CPU has native bf16 (AVX512-BF16/AMX) or on GPU")
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from digitlab.presets import DEFAULT_PRESET, list_presets
 
@@ -160,13 +171,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                        help=f"training recipe: {', '.join(list_presets())} (default: {DEFAULT_PRESET})")
     train.add_argument("--config", type=Path, default=None, metavar="JSON",
                        help="start from the config of a run's config.json instead of a preset")
-    train.add_argument("--data", default=None, help=SOURCE_HELP + " (default: mnist:train)")
+    _add_recipe_flags(train)
     train.add_argument("--val-data", default=None, help="a separate labelled source to validate on, "
                        "instead of a split of --data")
-    train.add_argument("--val-split", type=float, default=None,
-                       help="fraction of --data held out for validation, stratified (seed2017: 0.2)")
-    train.add_argument("--epochs", type=_positive_int, default=None, help="passes over the training data")
-    train.add_argument("--batch-size", type=_positive_int, default=None, help="images per optimizer step")
     train.add_argument("--lr", type=float, default=None, help="(peak) learning rate")
     train.add_argument("--optimizer", default=None, choices=["rmsprop", "adam", "adamw", "sgd"],
                        help="optimizer (sgd uses Nesterov momentum)")
@@ -175,8 +182,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--label-smoothing", type=float, default=None, help="label smoothing in [0, 1)")
     train.add_argument("--seed", type=int, default=None, help="seed for init, split, shuffling and "
                        "augmentation (default: 0)")
-    train.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
-                       help="auto picks bf16 where the CPU has native bf16 (AVX512-BF16/AMX) or on GPU")
     train.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "mps"],
                        help="where to train (default: auto)")
     train.add_argument("--out", type=Path, default=None, help="run folder (default: runs/PRESET-TIMESTAMP)")
@@ -247,11 +252,7 @@ def _add_ensemble(sub: argparse._SubParsersAction) -> None:
     ens.add_argument("--jobs", type=_positive_int, default=1,
                      help="members trained at once in separate processes, splitting the CPU cores (default: 1)")
     ens.add_argument("--seed", type=int, default=None, help="seed of the first member (default: the preset's)")
-    ens.add_argument("--data", default=None, help=SOURCE_HELP + " (default: mnist:train)")
-    ens.add_argument("--val-split", type=float, default=None, help="fraction held out for validation")
-    ens.add_argument("--epochs", type=_positive_int, default=None, help="epochs per member")
-    ens.add_argument("--batch-size", type=_positive_int, default=None, help="images per optimizer step")
-    ens.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"], help="numeric precision")
+    _add_recipe_flags(ens)
     ens.add_argument("--out", type=Path, required=True, help="ensemble folder")
     ens.add_argument("--quiet", action="store_true", help="only member start/end lines")
     ens.set_defaults(handler=_run_ensemble)
