@@ -56,8 +56,9 @@ def row(name: str, probs: np.ndarray, labels: np.ndarray, minutes: float, tta: n
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs-dir", type=Path, required=True)
-    parser.add_argument("--presets", nargs="+", default=["seed2017", "fast", "best"])
-    parser.add_argument("--members", type=int, default=5, help="ensemble size of the `best` preset (0: none)")
+    parser.add_argument("--presets", nargs="*", default=["seed2017", "fast", "best"])
+    parser.add_argument("--members", type=int, default=5, help="ensemble size (0: none)")
+    parser.add_argument("--ensemble-preset", default="best", help="preset of the ensemble members")
     parser.add_argument("--jobs", type=int, default=1, help="ensemble members trained at once")
     parser.add_argument("--no-train", action="store_true", help="only measure runs that already exist")
     parser.add_argument("--no-tta", action="store_true")
@@ -79,9 +80,10 @@ def main() -> None:
         print(row(preset, probs, labels, train_minutes(run), tta), flush=True)
 
     if args.members:
-        folder = args.runs_dir / "ensemble-best"
+        folder = args.runs_dir / f"ensemble-{args.ensemble_preset}"
         if not is_ensemble(folder) and not args.no_train:
-            train_ensemble(get_preset("best").with_overrides(val_split=0.0), folder, args.members, jobs=args.jobs)
+            config = get_preset(args.ensemble_preset).with_overrides(val_split=0.0)
+            train_ensemble(config, folder, args.members, jobs=args.jobs)
         if is_ensemble(folder):
             predictor = load_predictor(folder)
             members = predictor.member_proba(test.images)  # (M, N, 10)
@@ -89,7 +91,8 @@ def main() -> None:
             tta_members = None
             if not args.no_tta:
                 tta_members = np.stack([tta_proba(load_predictor(m), test.images) for m in ensemble_members(folder)])
-            print("\nensemble of `best` members, accuracy vs N (mean of the first N members' probabilities):\n")
+            print(f"\nensemble of `{args.ensemble_preset}` members, accuracy vs N "
+                  "(mean of the first N members' probabilities):\n")
             print("| members | test accuracy | errors / 10,000 | train minutes (sum) | with TTA | errors with TTA |")
             print("|---|---:|---:|---:|---:|---:|")
             for n in range(1, len(members) + 1):
