@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from digitlab.data.images import read_grey
+from digitlab.data.images import flatten_grey, has_alpha, read_image
 from digitlab.errors import DigitlabError
 
 log = logging.getLogger(__name__)
@@ -33,18 +33,14 @@ MIN_CONTRAST = 24 / 255  # less ink-to-background contrast than this counts as a
 
 def _has_alpha(image: Image.Image | np.ndarray) -> bool:
     if isinstance(image, Image.Image):
-        return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+        return has_alpha(image)
     return np.ndim(image) == 3 and np.shape(image)[2] == 4
 
 
 def _grey(image: Image.Image | np.ndarray, matte: int = 255) -> np.ndarray:
-    """Float grey (H, W) in [0, 1]; transparency composited onto `matte` (white, as data.images.read_grey)."""
+    """Float grey (H, W) in [0, 1]; transparency composited onto `matte` (see data.images.flatten_grey)."""
     if isinstance(image, Image.Image):
-        if _has_alpha(image):
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (matte, matte, matte, 255))
-            image = Image.alpha_composite(background, rgba)
-        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        return np.asarray(flatten_grey(image, matte), dtype=np.float32) / 255.0
     array = np.asarray(image)
     if array.dtype == bool:
         array = array.astype(np.uint8) * 255
@@ -139,12 +135,5 @@ def mnist_style(image: Image.Image | np.ndarray, *, name: str = "image") -> np.n
 def load_image_file(path: str | Path) -> np.ndarray:
     """Read a PNG/JPEG/... file of one digit and return it MNIST-style (uint8 (28, 28))."""
     path = Path(path)
-    grey = read_grey(path)  # unreadable files fail here, with the file named
-    try:
-        return mnist_style(grey, name=str(path))
-    except DigitlabError:
-        with Image.open(path) as img:  # read_grey flattened the alpha; light-on-clear ink needs it
-            if not _has_alpha(img):
-                raise
-            img.load()
-            return mnist_style(img, name=str(path))
+    # alpha kept: mnist_style retries light-on-clear ink on a black matte
+    return mnist_style(read_image(path), name=str(path))

@@ -17,23 +17,36 @@ from digitlab.errors import DigitlabError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
-def read_grey(path: Path) -> Image.Image:
-    """Open an image file as 8-bit grey, with a clear error for unreadable files."""
+def has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+
+
+def flatten_grey(img: Image.Image, matte: int = 255) -> Image.Image:
+    """8-bit grey; a transparent background is composited onto `matte` (white keeps dark ink visible)."""
+    if has_alpha(img):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (matte, matte, matte, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("L")
+
+
+def read_image(path: Path) -> Image.Image:
+    """Open and decode an image file as it is (mode and alpha kept), with a clear error if unreadable."""
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                # Transparent background: composite onto white so ink stays visible.
-                rgba = img.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(background, rgba).convert("L")
-            return img.convert("L")
+            return img
     except FileNotFoundError:
         raise DigitlabError(f"{path}: no such file") from None
     except Image.DecompressionBombError as exc:  # not an OSError: PIL's guard against huge images
         raise DigitlabError(f"{path}: image too large ({exc})") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DigitlabError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+
+
+def read_grey(path: Path) -> Image.Image:
+    """Open an image file as 8-bit grey (transparency onto white)."""
+    return flatten_grey(read_image(path))
 
 
 def plain_resize(img: Image.Image) -> np.ndarray:
