@@ -78,6 +78,18 @@ def test_one_epoch_on_2000_images_learns_and_writes_a_complete_run(tmp_path: Pat
     assert meta["data"]["train_fingerprint"] == cfg["data"]["train_fingerprint"]
 
 
+def test_epoch_fraction_draws_a_fresh_share_of_the_data_each_epoch(tmp_path: Path, csv_640: Path) -> None:
+    # 480 training images, half of them per epoch: 240 // 32 = 7 steps, and the one-cycle
+    # schedule spans exactly those steps (its lr has annealed to near zero by the last one)
+    config = get_preset("fast").with_overrides(data=f"kaggle:{csv_640}", epochs=2, batch_size=32, val_split=0.25,
+                                               epoch_fraction=0.5)
+    result = fit(config, tmp_path / "run")
+    batches = [r for r in read_metrics(result.run_dir) if r["type"] == "batch"]
+    assert [(r["epoch"], r["step"]) for r in batches] == [(e, s) for e in (1, 2) for s in range(1, 8)]
+    assert batches[-1]["lr"] < 0.05 * config.lr  # built for 30 steps it would still be near its peak
+    assert json.loads((result.run_dir / "config.json").read_text())["resolved"]["steps_per_epoch"] == 7
+
+
 def _tiny_config(csv: Path, **kw):
     base = dict(data=f"kaggle:{csv}", epochs=3, batch_size=32, val_split=0.25)
     base.update(kw)
@@ -169,6 +181,7 @@ def test_train_cli_plain_lines_when_not_a_terminal(tmp_path: Path, csv_640: Path
         (["train", "--preset", "nope"], "unknown preset 'nope'; choose one of: "),
         (["train", "--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
         (["train", "--epochs", "0"], "--epochs: must be at least 1, got 0"),
+        (["train", "--epoch-fraction", "1.5"], "epoch fraction must be in (0, 1], got 1.5"),
         (["train", "--resume", "/nonexistent/run"], "/nonexistent/run: no such run folder to resume"),
     ],
 )

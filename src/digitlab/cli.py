@@ -152,6 +152,9 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-split", type=float, default=None,
                         help="fraction of --data held out for validation, stratified (seed2017: 0.2)")
     parser.add_argument("--epochs", type=_positive_int, default=None, help="passes over the training data")
+    parser.add_argument("--epoch-fraction", type=float, default=None,
+                        help="share of the training data drawn at random for each epoch, in (0, 1] "
+                        "(fast: a shorter first epoch)")
     parser.add_argument("--batch-size", type=_positive_int, default=None, help="images per optimizer step")
     parser.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
                         help="auto picks bf16 where the CPU has native bf16 (AVX512-BF16/AMX) or on GPU")
@@ -191,8 +194,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     train.set_defaults(handler=_run_train)
 
 
-_TRAIN_OVERRIDES = ("data", "val_data", "val_split", "epochs", "batch_size", "lr", "optimizer", "schedule",
-                    "label_smoothing", "seed", "precision", "device")
+_TRAIN_OVERRIDES = ("data", "val_data", "val_split", "epochs", "epoch_fraction", "batch_size", "lr", "optimizer",
+                    "schedule", "label_smoothing", "seed", "precision", "device")
 
 
 def _base_config(preset: str | None, config_file: Path | None):
@@ -265,8 +268,8 @@ def _run_ensemble(args: argparse.Namespace) -> int:
     from digitlab.train import TrainingInterrupted
 
     config = get_preset(args.preset).with_overrides(
-        data=args.data, val_split=args.val_split, epochs=args.epochs, batch_size=args.batch_size,
-        precision=args.precision)
+        data=args.data, val_split=args.val_split, epochs=args.epochs, epoch_fraction=args.epoch_fraction,
+        batch_size=args.batch_size, precision=args.precision)
     training = TrainingProgress(quiet=args.quiet)
 
     def show(event: dict) -> None:

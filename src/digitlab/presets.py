@@ -36,12 +36,33 @@ PRESETS: dict[str, TrainConfig] = {
         augment=AugmentConfig(rotation=10.0, zoom=0.1, shift=0.08, fill="constant"),
     ),
     # Speed-run: a small BN conv net, Adam + one-cycle, big steps, label smoothing, no
-    # augmentation (it slows the first epochs down); ~99% on MNIST test after 1 epoch.
-    # Chosen on a 50k/10k split of the training set (benchmarks/RESULTS.md).
+    # augmentation (it slows the first epochs down), and one pass over a random 60% of the
+    # training set at a higher learning rate: ~99.2% on MNIST test in under 3 s on 2 cores.
+    # Chosen on a 50k/10k split of the training set (benchmarks/RESULTS.md): 36,000 images at
+    # lr 1e-2 validated as well as a full epoch at 6e-3 (99.03%), batch 256 worse (98.70%).
     "fast": TrainConfig(
         preset="fast",
         model="fast",
         epochs=1,
+        epoch_fraction=0.6,
+        batch_size=128,
+        optimizer="adam",
+        lr=1e-2,
+        momentum=0.9,
+        schedule="onecycle",
+        warmup_fraction=0.2,
+        label_smoothing=0.1,
+        val_split=0.0,
+        augment=AugmentConfig(),
+        eval_batch_size=4096,
+    ),
+    # The speed-run's second point, >= 99.5% in about half a minute: the same network for a
+    # few full epochs with mild augmentation, which validated at 99.50% (6 epochs) against
+    # 99.42% without it on the 50k/10k split.
+    "fast-long": TrainConfig(
+        preset="fast-long",
+        model="fast",
+        epochs=5,
         batch_size=128,
         optimizer="adam",
         lr=6e-3,
@@ -50,7 +71,7 @@ PRESETS: dict[str, TrainConfig] = {
         warmup_fraction=0.2,
         label_smoothing=0.1,
         val_split=0.0,
-        augment=AugmentConfig(),
+        augment=AugmentConfig(rotation=8.0, zoom=0.08, shift=0.08, fill="constant"),
         eval_batch_size=4096,
     ),
     # Highest single-model accuracy: the Kaggle "25 million images" BN-everywhere net,

@@ -149,9 +149,14 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
                            weight_decay=config.weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
+def steps_per_epoch(train_count: int, config: TrainConfig) -> int:
+    """Optimizer steps per epoch: the ragged tail is dropped, as Keras' steps_per_epoch does."""
+    return int(train_count * config.epoch_fraction) // config.batch_size
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, epoch_steps: int):
     """Returns (scheduler or None, 'step' | 'epoch'): when the scheduler is advanced."""
-    total = config.epochs * steps_per_epoch
+    total = config.epochs * epoch_steps
     if config.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=config.lr, total_steps=total, pct_start=config.warmup_fraction,
@@ -328,7 +333,7 @@ def train_one_epoch(
     config, ctx = trainer.config, trainer.ctx
     shard = state.perm[ctx.rank :: ctx.world_size]
     batch = trainer.local_batch
-    steps = len(state.perm) // config.batch_size  # drop the ragged tail, as Keras' steps_per_epoch
+    steps = steps_per_epoch(len(state.perm), config)
     trainer.model.train()
     while state.step < steps:
         t0 = time.perf_counter()
@@ -392,7 +397,7 @@ def _augment_seed(seed: int, rank: int) -> int:
 
 
 def _build_trainer(config: TrainConfig, ctx: DistContext, device: torch.device, precision: str,
-                   steps_per_epoch: int) -> Trainer:
+                   epoch_steps: int) -> Trainer:
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = prepare_model(create_model(config.model, **config.model_args), device)
     ema = build_ema(model, config.ema_decay)
@@ -400,7 +405,7 @@ def _build_trainer(config: TrainConfig, ctx: DistContext, device: torch.device, 
         torch.manual_seed(config.seed + ctx.rank)  # but different dropout masks
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     optimizer = build_optimizer(model, config)
-    scheduler, when = build_scheduler(optimizer, config, steps_per_epoch)
+    scheduler, when = build_scheduler(optimizer, config, epoch_steps)
     return Trainer(model, optimizer, scheduler, when == "step", ema, config, precision, device,
                    torch.Generator().manual_seed(_augment_seed(config.seed, ctx.rank)), ctx)
 
@@ -450,12 +455,13 @@ def fit(
     device = distributed.init(ctx, resolve_device(config.device))
     precision = resolve_precision(config.precision, device)
     train_data, val_data = data if data is not None else _load_training_data(config)
-    steps_per_epoch = len(train_data) // config.batch_size
-    if steps_per_epoch == 0:
+    epoch_steps = steps_per_epoch(len(train_data), config)
+    if epoch_steps == 0:
         raise DigitlabError(
-            f"{config.data}: {len(train_data)} training images is fewer than one batch of {config.batch_size}"
+            f"{config.data}: {len(train_data)} training images (x epoch fraction {config.epoch_fraction}) "
+            f"is fewer than one batch of {config.batch_size}"
         )
-    trainer = _build_trainer(config, ctx, device, precision, steps_per_epoch)
+    trainer = _build_trainer(config, ctx, device, precision, epoch_steps)
     order_generator = torch.Generator().manual_seed(config.seed)  # same epoch order on every rank
 
     images = torch.from_numpy(train_data.images).to(device)
@@ -511,7 +517,7 @@ def fit(
         ckpt.atomic_write_json(run_dir / CONFIG_FILE, {
             "config": config.to_dict(),
             "resolved": {"device": str(device), "precision": precision, "threads": torch.get_num_threads(),
-                         "steps_per_epoch": steps_per_epoch, "world_size": ctx.world_size},
+                         "steps_per_epoch": epoch_steps, "world_size": ctx.world_size},
             "data": data_info,
             "parameters": count_parameters(trainer.bare_model),
             "versions": ckpt.versions(),
@@ -520,7 +526,7 @@ def fit(
 
     emit({"event": "start", "run_dir": str(run_dir), "config": config, "device": str(device),
           "precision": precision, "train_count": len(train_data), "val_count": data_info["val_count"],
-          "steps_per_epoch": steps_per_epoch, "start_epoch": start_epoch, "world_size": ctx.world_size})
+          "steps_per_epoch": epoch_steps, "start_epoch": start_epoch, "world_size": ctx.world_size})
 
     def save_state(position: dict[str, Any], perm: torch.Tensor | None) -> None:
         rng = _rng_tensors(trainer, order_generator)  # a collective: every rank takes part
@@ -539,7 +545,7 @@ def fit(
         for epoch in range(start_epoch, config.epochs + 1):
             if state is None or state.epoch != epoch:
                 state = EpochState(epoch=epoch, perm=torch.randperm(len(images), generator=order_generator).to(device))
-            emit({"event": "epoch_start", "epoch": epoch, "epochs": config.epochs, "steps": steps_per_epoch,
+            emit({"event": "epoch_start", "epoch": epoch, "epochs": config.epochs, "steps": epoch_steps,
                   "step": state.step})
 
             def on_batch(rec: dict[str, Any], epoch: int = epoch) -> None:
