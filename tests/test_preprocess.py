@@ -111,6 +111,22 @@ def test_light_ink_on_transparent_background(tmp_path: Path) -> None:
         assert np.abs(out.astype(int) - expected.astype(int)).max() <= 2
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_exif_orientation_of_a_phone_photo_is_applied(tmp_path: Path, fmt: str) -> None:
+    upright = render_digit(7)
+    # A phone held sideways stores the sensor's pixels turned a quarter, plus orientation
+    # tag 6 ("rotate 90 degrees clockwise to display").
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / f"seven.{fmt.lower()}"
+    upright.transpose(Image.Transpose.ROTATE_90).save(path, format=fmt, exif=exif, quality=95)
+    expected = mnist_style(upright)
+    out = load_image_file(path)
+    assert np.abs(out.astype(int) - expected.astype(int)).mean() < 3
+    sideways = mnist_style(Image.open(path))  # what reading the raw pixels would give
+    assert np.abs(sideways.astype(int) - expected.astype(int)).mean() > 20
+
+
 def test_bad_files_name_the_file(tmp_path: Path) -> None:
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not a png at all")

@@ -137,6 +137,18 @@ def test_upload_gets_the_same_preprocessing_as_predict(client: TestClient, tmp_p
     assert np.array_equal(np.array(body["image"], dtype=np.uint8), load_image_file(path))
 
 
+def test_upload_with_exif_orientation_is_read_upright(client: TestClient, tmp_path: Path) -> None:
+    from digitlab.preprocess import load_image_file
+
+    exif = Image.Exif()
+    exif[0x0112] = 8  # "rotate 90 degrees counter-clockwise to display"
+    path = tmp_path / "one.jpg"
+    _drawn_one(450, False).transpose(Image.Transpose.ROTATE_270).save(path, exif=exif, quality=95)
+    body = _upload(client, path.read_bytes(), "one.jpg", "image/jpeg").json()
+    assert body["digit"] == 1
+    assert np.array_equal(np.array(body["image"], dtype=np.uint8), load_image_file(path))
+
+
 def test_raw_image_body(client: TestClient) -> None:
     response = client.post("/v1/predict", content=_encode(_drawn_one()), headers={"content-type": "image/png"})
     assert response.status_code == 200

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from digitlab.data.dataset import DigitData
 from digitlab.errors import DigitlabError
@@ -19,6 +19,17 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 def has_alpha(img: Image.Image) -> bool:
     return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as it should be viewed: phone cameras store the sensor's pixels and an EXIF
+    orientation tag (rotate/mirror) instead of turning the photo itself."""
+    if img.getexif().get(EXIF_ORIENTATION, 1) == 1:
+        return img
+    return ImageOps.exif_transpose(img)
 
 
 def flatten_grey(img: Image.Image, matte: int = 255) -> Image.Image:
@@ -31,11 +42,12 @@ def flatten_grey(img: Image.Image, matte: int = 255) -> Image.Image:
 
 
 def read_image(path: Path) -> Image.Image:
-    """Open and decode an image file as it is (mode and alpha kept), with a clear error if unreadable."""
+    """Open and decode an image file upright (EXIF orientation applied; mode and alpha kept),
+    with a clear error if unreadable."""
     try:
         with Image.open(path) as img:
             img.load()
-            return img
+            return upright(img)
     except FileNotFoundError:
         raise DigitlabError(f"{path}: no such file") from None
     except Image.DecompressionBombError as exc:  # not an OSError: PIL's guard against huge images

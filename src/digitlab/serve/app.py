@@ -31,6 +31,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
+from digitlab.data.images import upright
 from digitlab.errors import DigitlabError
 
 log = logging.getLogger(__name__)
@@ -237,6 +238,7 @@ def decode_upload(data: bytes, limits: Limits) -> Image.Image:
                 raise ApiError(413, f"image is {width}x{height} pixels; the limit is {limits.max_side} "
                                "pixels per side")
             image.load()
+            image = upright(image)
             if image.mode == "RGBA" and image.getextrema()[3] == (255, 255):
                 # Canvas PNGs are RGBA but opaque: compositing onto white would change nothing
                 # and costs more than the rest of the preprocessing.
