@@ -222,3 +222,26 @@ def test_existing_run_folder_is_not_overwritten(tmp_path: Path, csv_640: Path) -
     fit(config, tmp_path / "run")
     with pytest.raises(DigitlabError, match="already holds a run; use --resume"):
         fit(config, tmp_path / "run")
+
+
+def test_weight_ema_warms_up_then_follows_the_set_decay() -> None:
+    from digitlab.train import build_ema, ema_decay_at
+
+    assert ema_decay_at(0.999, 0) == pytest.approx(0.1)
+    assert ema_decay_at(0.999, 90) == pytest.approx(0.91)
+    assert ema_decay_at(0.999, 100_000) == 0.999
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = build_ema(model, 0.999)
+    expected = model[0].weight.detach().clone()
+    for n in range(1, 6):
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        ema.update_parameters(model)
+        if n > 1:  # the first update copies the weights; later ones average with the warm-up decay
+            d = ema_decay_at(0.999, n - 1)
+            expected = d * expected + (1 - d) * model[0].weight.detach()
+        else:
+            expected = model[0].weight.detach().clone()
+        assert torch.allclose(ema.module[0].weight, expected, atol=1e-6)
+    # with a fixed 0.999 the average would still sit at the first weights; here it follows the model
+    assert (ema.module[0].weight - model[0].weight).abs().max() < 1.0

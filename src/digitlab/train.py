@@ -169,12 +169,30 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, epoch
     return None, "step"
 
 
+def ema_decay_at(decay: float, updates: int) -> float:
+    """The EMA's decay after `updates` averaging steps: min(decay, (1 + n) / (10 + n)).
+
+    With a fixed 0.999 the average is still mostly the random initial weights for the first
+    thousand steps, so validation reads ~10% for several epochs; the warm-up lets it follow
+    the model early and reach the full decay after ~9,000 steps (timm/TF's EMA do the same).
+    """
+    return min(decay, (1 + updates) / (10 + updates))
+
+
 def build_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
     if decay <= 0:
         return None
-    return torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True
-    )
+
+    @torch.no_grad()
+    def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged) -> None:
+        d = ema_decay_at(decay, int(num_averaged))
+        if torch.is_floating_point(ema_params[0]):
+            torch._foreach_lerp_(ema_params, params, 1.0 - d)
+        else:  # integer buffers (BatchNorm's batch counter), as torch's own EMA treats them
+            for ema_param, param in zip(ema_params, params, strict=True):
+                ema_param.copy_(ema_param * d + param * (1.0 - d))
+
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
 
 
 # ---------------------------------------------------------------- evaluation
