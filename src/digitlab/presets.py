@@ -22,7 +22,7 @@ PRESETS: dict[str, TrainConfig] = {
         augment=AugmentConfig(rotation=15.0, zoom=1.0, fill="nearest"),
     ),
     # The default of `digitlab train`: the seed network with sane augmentation and a
-    # one-cycle Adam schedule; a few minutes on a laptop CPU for ~99.3% validation.
+    # one-cycle Adam schedule; about a minute on a laptop CPU for ~99.2% validation.
     "quick": TrainConfig(
         preset="quick",
         model="seed2017",
