@@ -90,6 +90,14 @@ def test_epoch_fraction_draws_a_fresh_share_of_the_data_each_epoch(tmp_path: Pat
     assert json.loads((result.run_dir / "config.json").read_text())["resolved"]["steps_per_epoch"] == 7
 
 
+def test_less_than_one_batch_per_epoch_is_refused(tmp_path: Path, csv_640: Path) -> None:
+    base = get_preset("fast").with_overrides(data=f"kaggle:{csv_640}", val_split=0.25)
+    with pytest.raises(DigitlabError, match=r"479 training images is fewer than one batch of 512$"):
+        fit(base.with_overrides(batch_size=512, epoch_fraction=1.0), tmp_path / "a")
+    with pytest.raises(DigitlabError, match=r"479 training images x epoch fraction 0.1 is fewer than one batch of 64$"):
+        fit(base.with_overrides(batch_size=64, epoch_fraction=0.1), tmp_path / "b")
+
+
 def _tiny_config(csv: Path, **kw):
     base = dict(data=f"kaggle:{csv}", epochs=3, batch_size=32, val_split=0.25)
     base.update(kw)

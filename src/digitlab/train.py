@@ -475,9 +475,9 @@ def fit(
     train_data, val_data = data if data is not None else _load_training_data(config)
     epoch_steps = steps_per_epoch(len(train_data), config)
     if epoch_steps == 0:
+        share = f" x epoch fraction {config.epoch_fraction}" if config.epoch_fraction < 1 else ""
         raise DigitlabError(
-            f"{config.data}: {len(train_data)} training images (x epoch fraction {config.epoch_fraction}) "
-            f"is fewer than one batch of {config.batch_size}"
+            f"{config.data}: {len(train_data)} training images{share} is fewer than one batch of {config.batch_size}"
         )
     trainer = _build_trainer(config, ctx, device, precision, epoch_steps)
     order_generator = torch.Generator().manual_seed(config.seed)  # same epoch order on every rank
