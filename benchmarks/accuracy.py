@@ -101,6 +101,14 @@ def main() -> None:
             singles = [(m.argmax(1) == labels).mean() for m in members]
             print(f"\nsingle members: {', '.join(f'{100 * a:.2f}%' for a in singles)} "
                   f"(mean {100 * np.mean(singles):.2f}%)")
+            # how much the members agree on their mistakes: errors all of them make, averaging cannot fix
+            wrong_count = (members.argmax(2) != labels[None]).sum(0)
+            ensemble_wrong = members.mean(0).argmax(1) != labels
+            n = len(members)
+            print(f"test images misread by at least one member: {int((wrong_count > 0).sum())}, "
+                  f"by at least half: {int((wrong_count >= (n + 1) // 2).sum())}, by all {n}: "
+                  f"{int((wrong_count == n).sum())} (of the ensemble's {int(ensemble_wrong.sum())} errors, "
+                  f"{int((ensemble_wrong & (wrong_count == n)).sum())} are misread by every member)")
 
 
 if __name__ == "__main__":
