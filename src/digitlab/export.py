@@ -6,6 +6,7 @@ preprocessing constants travel in the model's metadata_props so the file stands 
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import logging
@@ -108,7 +109,7 @@ def module_to_onnx(module: nn.Module, meta: dict[str, Any] | None = None, doc: s
         # longer here and gives the same graph for these plain conv nets.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, (example,), buffer, dynamo=False, opset_version=OPSET,
+            module, (example,), buffer, **_torchscript_exporter(), opset_version=OPSET,
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
         )
@@ -117,6 +118,12 @@ def module_to_onnx(module: nn.Module, meta: dict[str, Any] | None = None, doc: s
     model.doc_string = doc
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def _torchscript_exporter() -> dict[str, bool]:
+    """`dynamo=False` where torch has the flag (2.5+; its default became True in 2.9); torch 2.4
+    has only the TorchScript exporter and refuses the keyword."""
+    return {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
 
 
 def export_onnx(run_dir: str | Path, out: str | Path | None = None) -> Path:

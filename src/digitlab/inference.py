@@ -41,7 +41,7 @@ class Predictor:
         images = _check_images(images)
         x = torch.from_numpy(images)
         out = [
-            torch.softmax(predict_logits(m, x, self.batch_size, self.precision, self.device), dim=1).numpy()
+            torch.softmax(predict_logits(m, x, self.batch_size, self.precision, self.device), dim=1).cpu().numpy()
             for m in self.models
         ]
         return np.stack(out)

@@ -65,7 +65,7 @@ def augment_preview_figure(data: DigitData, config: AugmentConfig, n: int = 8, c
     """Each row: an original digit, then `copies` augmented versions of it."""
     n = min(n, len(data))
     originals = torch.from_numpy(data.images[:n]).float().div(255).unsqueeze(1)  # (n, 1, 28, 28)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device="cpu").manual_seed(seed)  # the preview is drawn on CPU images
     batch = originals.repeat_interleave(copies, dim=0)
     augmented = augment_batch(batch, config, generator).view(n, copies, 28, 28)
     fig, axes = plt.subplots(n, copies + 1, figsize=(1.2 * (copies + 1), 1.25 * n), squeeze=False)

@@ -111,6 +111,23 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return "fp32"
 
 
+def device_description(device: torch.device) -> str:
+    """What `train` prints: "cpu", or the card's name on CUDA ("cuda:0 (NVIDIA H100 80GB HBM3)")."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return str(device)
+
+
+def configure_determinism(device: torch.device) -> None:
+    """On CUDA, cuDNN picks convolution algorithms by timing them unless told otherwise, and some
+    of those are not deterministic: pin deterministic ones so a resumed run repeats an uninterrupted one.
+    (Process-wide flags; the CPU needs none.)"""
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
 def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -134,17 +151,19 @@ def to_input(images_u8: torch.Tensor) -> torch.Tensor:
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    params = model.parameters()
+    params = list(model.parameters())
+    # one fused kernel per step instead of one per tensor; CUDA only, so CPU results are untouched
+    fused = {"fused": True} if params and params[0].device.type == "cuda" else {}
     if config.optimizer == "rmsprop":
         # Keras RMSprop: rho=0.9, epsilon=1e-7 (torch calls rho `alpha`, default 0.99)
         return torch.optim.RMSprop(params, lr=config.lr, alpha=config.momentum, eps=1e-7,
                                    weight_decay=config.weight_decay)
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, betas=(config.momentum, 0.999),
-                                weight_decay=config.weight_decay)
+                                weight_decay=config.weight_decay, **fused)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.lr, betas=(config.momentum, 0.999),
-                                 weight_decay=config.weight_decay)
+                                 weight_decay=config.weight_decay, **fused)
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=True,
                            weight_decay=config.weight_decay)
 
@@ -185,14 +204,17 @@ def build_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedM
 
     @torch.no_grad()
     def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged) -> None:
-        d = ema_decay_at(decay, int(num_averaged))
+        # the count AveragedModel passes is a copy on the weights' device: reading it would make
+        # every step wait for the GPU, so read its own counter, which lives on the CPU
+        d = ema_decay_at(decay, int(averaged.n_averaged))
         if torch.is_floating_point(ema_params[0]):
             torch._foreach_lerp_(ema_params, params, 1.0 - d)
         else:  # integer buffers (BatchNorm's batch counter), as torch's own EMA treats them
             for ema_param, param in zip(ema_params, params, strict=True):
                 ema_param.copy_(ema_param * d + param * (1.0 - d))
 
-    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
+    averaged = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
+    return averaged
 
 
 # ---------------------------------------------------------------- evaluation
@@ -218,12 +240,17 @@ def predict_logits(
     return torch.cat(out) if out else torch.empty(0, 10)
 
 
+def loss_and_accuracy_tensors(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy and accuracy as 0-d tensors on the logits' device (labels follow them)."""
+    labels = labels.to(logits.device)
+    return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean()
+
+
 def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     if len(labels) == 0:
         return float("nan"), float("nan")
-    loss = F.cross_entropy(logits, labels).item()
-    acc = (logits.argmax(1) == labels).float().mean().item()
-    return loss, acc
+    loss, acc = loss_and_accuracy_tensors(logits, labels)
+    return loss.item(), acc.item()
 
 
 # ---------------------------------------------------------------- run folder
@@ -318,8 +345,9 @@ class Trainer:
     config: TrainConfig
     precision: str
     device: torch.device
-    augment_generator: torch.Generator
+    augment_generator: torch.Generator  # on `device`: augmentation draws its numbers where the data is
     ctx: DistContext = field(default_factory=DistContext)
+    sync_every: int = 0  # steps between host reads of the loss; 0: sync_interval(device)
 
     @property
     def local_batch(self) -> int:
@@ -335,6 +363,23 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.bare_model
 
 
+def sync_interval(device: torch.device) -> int:
+    """Steps between reads of the losses on the host. Each read waits for the device to finish
+    its queue, so on a GPU read every 50 steps (nanoGPT's log_interval); on the CPU a read is free
+    and the live bar shows every batch."""
+    return 1 if device.type == "cpu" else 50
+
+
+@dataclass
+class _Pending:
+    """One step whose loss and correct count still sit on the device."""
+
+    loss: torch.Tensor  # 0-d float32
+    correct: torch.Tensor  # 0-d int64
+    count: int
+    lr: float
+
+
 def train_one_epoch(
     trainer: Trainer,
     images: torch.Tensor,
@@ -346,15 +391,18 @@ def train_one_epoch(
     """Advance `state` through its epoch; returns False if stopped early by `stop`.
 
     Each rank takes every world_size-th index of the shared permutation, so the ranks'
-    shards are disjoint and together cover the epoch.
+    shards are disjoint and together cover the epoch. Losses stay on the device and are read
+    every `sync_interval` steps, where `stop` is also honoured (so `state` is always complete).
     """
     config, ctx = trainer.config, trainer.ctx
     shard = state.perm[ctx.rank :: ctx.world_size]
     batch = trainer.local_batch
     steps = steps_per_epoch(len(state.perm), config)
+    interval = trainer.sync_every or sync_interval(trainer.device)
+    pending: list[_Pending] = []
+    block_start = time.perf_counter()
     trainer.model.train()
     while state.step < steps:
-        t0 = time.perf_counter()
         index = shard[state.step * batch : (state.step + 1) * batch]
         x = to_input(images[index])  # (B, 1, 28, 28)
         y = labels[index]
@@ -368,29 +416,43 @@ def train_one_epoch(
         trainer.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         trainer.optimizer.step()
+        lr = trainer.optimizer.param_groups[0]["lr"]
         if trainer.scheduler is not None and trainer.scheduler_per_step:
             trainer.scheduler.step()
         if trainer.ema is not None:
             trainer.ema.update_parameters(trainer.bare_model)
-        batch_loss = loss.item()
-        batch_correct = int((logits.argmax(1) == y).sum())
-        dt = time.perf_counter() - t0
         state.step += 1
-        state.loss_sum += batch_loss * len(y)
-        state.correct += batch_correct
-        state.seen += len(y)
-        state.train_seconds += dt
-        if on_batch is not None:
-            on_batch({
-                "step": state.step, "steps": steps, "loss": batch_loss, "acc": batch_correct / len(y),
-                "lr": trainer.optimizer.param_groups[0]["lr"], "images_per_s": len(y) * ctx.world_size / dt,
-            })
+        pending.append(_Pending(loss.detach(), (logits.argmax(1) == y).sum(), len(y), lr))
+        if len(pending) < interval and state.step < steps:
+            continue
+        _record_block(pending, state, time.perf_counter() - block_start, steps, ctx.world_size, on_batch)
+        pending.clear()
+        block_start = time.perf_counter()
         stopping = stop is not None and stop.is_set()
         if ctx.enabled:
             stopping = distributed.any_rank(ctx, stopping, trainer.device)
         if stopping and state.step < steps:
             return False
     return True
+
+
+def _record_block(pending: list[_Pending], state: EpochState, seconds: float, steps: int, world_size: int,
+                  on_batch: Callable[[dict[str, Any]], None] | None) -> None:
+    """Read a block of steps' losses in one host sync and add them to `state` (and `on_batch`)."""
+    losses = torch.stack([p.loss for p in pending]).tolist()
+    corrects = torch.stack([p.correct for p in pending]).tolist()
+    dt = seconds / len(pending)  # the device ran the block as a whole: share its time evenly
+    first_step = state.step - len(pending) + 1
+    for i, (p, batch_loss, batch_correct) in enumerate(zip(pending, losses, corrects, strict=True)):
+        state.loss_sum += batch_loss * p.count
+        state.correct += int(batch_correct)
+        state.seen += p.count
+        state.train_seconds += dt
+        if on_batch is not None:
+            on_batch({
+                "step": first_step + i, "steps": steps, "loss": batch_loss, "acc": batch_correct / p.count,
+                "lr": p.lr, "images_per_s": p.count * world_size / dt,
+            })
 
 
 def _load_training_data(config: TrainConfig) -> tuple[DigitData, DigitData | None]:
@@ -409,9 +471,10 @@ def _load_training_data(config: TrainConfig) -> tuple[DigitData, DigitData | Non
     return data.subset(train_idx, f"{config.data}[train]"), data.subset(val_idx, f"{config.data}[val]")
 
 
-def _augment_seed(seed: int, rank: int) -> int:
-    # a different stream per rank, so ranks do not apply identical augmentations
-    return seed * 7919 + 104729 * rank + 1
+def augment_generator(seed: int, rank: int, device: torch.device) -> torch.Generator:
+    """The augmentation stream of one rank, on the device its images live on (a CPU generator
+    cannot draw CUDA tensors); a different stream per rank, so ranks do not augment alike."""
+    return torch.Generator(device=device).manual_seed(seed * 7919 + 104729 * rank + 1)
 
 
 def _build_trainer(config: TrainConfig, ctx: DistContext, device: torch.device, precision: str,
@@ -425,16 +488,30 @@ def _build_trainer(config: TrainConfig, ctx: DistContext, device: torch.device, 
     optimizer = build_optimizer(model, config)
     scheduler, when = build_scheduler(optimizer, config, epoch_steps)
     return Trainer(model, optimizer, scheduler, when == "step", ema, config, precision, device,
-                   torch.Generator().manual_seed(_augment_seed(config.seed, ctx.rank)), ctx)
+                   augment_generator(config.seed, ctx.rank, device), ctx)
 
 
 def _rng_tensors(trainer: Trainer, order_generator: torch.Generator) -> dict[str, torch.Tensor]:
     """RNG states of every rank (gathered to all), so any rank can be resumed exactly."""
     out = {"order": order_generator.get_state()}
-    for name, state in (("torch", torch.get_rng_state()), ("augment", trainer.augment_generator.get_state())):
+    states = [("torch", torch.get_rng_state()), ("augment", trainer.augment_generator.get_state())]
+    if trainer.device.type == "cuda":  # dropout masks on the GPU come from its default generator
+        states.append(("cuda", torch.cuda.get_rng_state(trainer.device)))
+    for name, state in states:
         for rank, tensor in enumerate(distributed.gather_tensor(trainer.ctx, state, trainer.device)):
             out[f"{name}.{rank}"] = tensor
     return out
+
+
+def _restore_rng(trainer: Trainer, order_generator: torch.Generator, rng: dict[str, torch.Tensor]) -> None:
+    rank = trainer.ctx.rank
+    torch.set_rng_state(rng[f"torch.{rank}"])
+    trainer.augment_generator.set_state(rng[f"augment.{rank}"])
+    order_generator.set_state(rng["order"])
+    if trainer.device.type == "cuda":
+        if f"cuda.{rank}" not in rng:
+            raise DigitlabError("the checkpoint was written on another kind of device; resume it there")
+        torch.cuda.set_rng_state(rng[f"cuda.{rank}"], trainer.device)
 
 
 def fit(
@@ -471,6 +548,7 @@ def fit(
         raise DigitlabError(f"batch size {config.batch_size} does not split evenly over {ctx.world_size} processes")
 
     device = distributed.init(ctx, resolve_device(config.device))
+    configure_determinism(device)
     precision = resolve_precision(config.precision, device)
     train_data, val_data = data if data is not None else _load_training_data(config)
     epoch_steps = steps_per_epoch(len(train_data), config)
@@ -480,12 +558,14 @@ def fit(
             f"{config.data}: {len(train_data)} training images{share} is fewer than one batch of {config.batch_size}"
         )
     trainer = _build_trainer(config, ctx, device, precision, epoch_steps)
-    order_generator = torch.Generator().manual_seed(config.seed)  # same epoch order on every rank
+    # epoch order is drawn on the CPU whatever the device: the same order on every rank and machine
+    order_generator = torch.Generator(device="cpu").manual_seed(config.seed)
 
     images = torch.from_numpy(train_data.images).to(device)
     labels = torch.from_numpy(train_data.labels).to(device)
-    val_images = torch.from_numpy(val_data.images) if val_data is not None else None
-    val_labels = torch.from_numpy(val_data.labels) if val_data is not None else None
+    # validation data on the device too: evaluation then moves nothing per batch
+    val_images = torch.from_numpy(val_data.images).to(device) if val_data is not None else None
+    val_labels = torch.from_numpy(val_data.labels).to(device) if val_data is not None else None
 
     metrics = MetricsLog(run_dir / METRICS_FILE)
     history: list[dict[str, Any]] = []
@@ -515,9 +595,7 @@ def fit(
         extra = ckpt.extra_tensors(tensors)
         if trainer.ema is not None:
             trainer.ema.load_state_dict({k[4:]: v for k, v in extra.items() if k.startswith("ema.")})
-        torch.set_rng_state(rng[f"torch.{ctx.rank}"])
-        trainer.augment_generator.set_state(rng[f"augment.{ctx.rank}"])
-        order_generator.set_state(rng["order"])
+        _restore_rng(trainer, order_generator, rng)
         history = info["history"]
         pos = info["position"]
         if pos["step"] > 0:  # mid-epoch stop (Ctrl-C): continue that very epoch
@@ -542,7 +620,7 @@ def fit(
             "started": datetime.now().isoformat(timespec="seconds"),
         })
 
-    emit({"event": "start", "run_dir": str(run_dir), "config": config, "device": str(device),
+    emit({"event": "start", "run_dir": str(run_dir), "config": config, "device": device_description(device),
           "precision": precision, "train_count": len(train_data), "val_count": data_info["val_count"],
           "steps_per_epoch": epoch_steps, "start_epoch": start_epoch, "world_size": ctx.world_size})
 

@@ -1,0 +1,121 @@
+"""On a CUDA machine: every preset trains there, an interrupted run resumes to the same weights,
+and evaluate, predict and export read what the GPU trained. Skipped without CUDA.
+
+Data is made here (the GPU machine has no MNIST package): each class is a bar at its own place,
+so a few steps already learn it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from digitlab.data import DigitData
+from digitlab.presets import get_preset, list_presets
+from digitlab.train import TrainingInterrupted, fit, read_metrics, steps_per_epoch
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+TIMING_FIELDS = {"train_seconds", "images_per_s", "eval_seconds"}
+
+
+def bars(n: int, seed: int) -> DigitData:
+    """Class c: a bright horizontal bar on rows 2c+4..2c+6, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+    for c in range(10):
+        images[labels == c, 2 * c + 4 : 2 * c + 7, 4:24] = 255
+    return DigitData(images, labels, f"bars:{seed}")
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[DigitData, DigitData]:
+    return bars(1024, 0), bars(512, 1)
+
+
+def _untimed(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_every_preset_trains_on_cuda(preset: str, tmp_path: Path, data) -> None:
+    config = get_preset(preset).with_overrides(epochs=2, batch_size=64, device="cuda")
+    result = fit(config, tmp_path / preset, data=data)
+    assert next(result.model.parameters()).device.type == "cuda"
+    assert np.isfinite(result.final["val_loss"])
+    batches = [r for r in read_metrics(result.run_dir) if r["type"] == "batch"]
+    assert len(batches) == 2 * steps_per_epoch(len(data[0]), config)  # every batch written, none lost
+
+
+def test_ctrl_c_then_resume_on_cuda_ends_with_the_same_weights(tmp_path: Path, data) -> None:
+    config = get_preset("best").with_overrides(epochs=2, batch_size=32, device="cuda")  # dropout-free, EMA, augment
+    reference = fit(config, tmp_path / "reference", data=data)
+
+    def ctrl_c(event: dict) -> None:
+        if event["event"] == "batch" and event["epoch"] == 1 and event["step"] == 10:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        fit(config, tmp_path / "stopped", callbacks=[ctrl_c], data=data)
+    resumed = fit(None, resume=tmp_path / "stopped", data=data)
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    assert _untimed(read_metrics(reference.run_dir)) == _untimed(read_metrics(resumed.run_dir))
+
+
+def test_seed2017_dropout_resume_on_cuda(tmp_path: Path, data) -> None:
+    """seed2017's dropout draws from the CUDA generator: its state must travel in the checkpoint."""
+    config = get_preset("seed2017").with_overrides(epochs=2, batch_size=32, device="cuda")
+    reference = fit(config, tmp_path / "reference", data=data)
+
+    def ctrl_c(event: dict) -> None:
+        if event["event"] == "batch" and event["epoch"] == 2 and event["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        fit(config, tmp_path / "stopped", callbacks=[ctrl_c], data=data)
+    resumed = fit(None, resume=tmp_path / "stopped", data=data)
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+@pytest.fixture(scope="module")
+def cuda_run(tmp_path_factory, data) -> Path:
+    config = get_preset("quick").with_overrides(epochs=2, batch_size=64, device="cuda")
+    return fit(config, tmp_path_factory.mktemp("cuda") / "quick", data=data).run_dir
+
+
+def test_evaluate_on_cuda_matches_the_cpu(cuda_run: Path, data) -> None:
+    from digitlab.evaluate import evaluate_run
+    from digitlab.inference import load_predictor
+
+    on_gpu = load_predictor(cuda_run, precision="fp32", device="cuda")
+    on_cpu = load_predictor(cuda_run, precision="fp32", device="cpu")
+    val = data[1]
+    gpu_probs, cpu_probs = on_gpu.predict_proba(val.images), on_cpu.predict_proba(val.images)
+    assert np.abs(gpu_probs - cpu_probs).max() < 1e-3
+    assert evaluate_run(on_gpu, val).accuracy > 0.9
+    assert evaluate_run(on_gpu, val, tta=True).accuracy > 0.9
+
+
+def test_predict_and_export_a_cuda_trained_run(cuda_run: Path, data, tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from digitlab.export import export_onnx, parity_check
+    from digitlab.predict import predict_inputs
+
+    npy = tmp_path / "digits.npy"
+    np.save(npy, data[1].images[:50])
+    result = predict_inputs(cuda_run, [str(npy)])
+    assert len(result.predictions) == 50
+    onnx_path = export_onnx(cuda_run, tmp_path / "model.onnx")
+    assert parity_check(cuda_run, onnx_path, data[1].images[:200])["agreement"] == 1.0

@@ -1,0 +1,117 @@
+"""Device correctness checked on the CPU: what crashed on CUDA (a CPU generator drawing for CUDA
+images, CPU labels against CUDA logits) and what made the GPU wait every step (host reads of the
+loss and of the EMA's count) fail here too, on torch's `meta` device or with a fake generator."""
+
+from __future__ import annotations
+
+import ast
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from digitlab import train
+from digitlab.config import DEVICES
+from digitlab.data import DigitData
+from digitlab.models import create_model
+from digitlab.presets import get_preset
+from digitlab.train import TrainingInterrupted, fit, read_metrics
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "digitlab"
+TIMING_FIELDS = {"train_seconds", "images_per_s", "eval_seconds"}
+
+
+def _untimed(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if d != "auto"])
+def test_augment_generator_is_made_on_the_training_device(device: str, monkeypatch) -> None:
+    made: list[torch.device] = []
+
+    class RecordingGenerator:
+        def __init__(self, device: str | torch.device = "cpu") -> None:
+            made.append(torch.device(device))
+
+        def manual_seed(self, seed: int) -> RecordingGenerator:
+            return self
+
+    monkeypatch.setattr(torch, "Generator", RecordingGenerator)
+    train.augment_generator(seed=3, rank=1, device=torch.device(device))
+    assert made == [torch.device(device)]
+
+
+def test_no_generator_in_the_package_is_made_without_a_device() -> None:
+    """`torch.Generator()` is a CPU generator: it cannot draw numbers for CUDA tensors."""
+    offenders = []
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "Generator"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"
+                    and not node.args and not any(k.arg == "device" for k in node.keywords)):
+                offenders.append(f"{path.relative_to(SRC)}:{node.lineno}")
+    assert offenders == []
+
+
+def test_validation_labels_follow_the_logits_device() -> None:
+    """Logits on another device than the labels (meta here, CUDA on a GPU) are compared there."""
+    logits = torch.empty(8, 10, device="meta")
+    loss, acc = train.loss_and_accuracy_tensors(logits, torch.arange(8) % 10)
+    assert loss.device.type == acc.device.type == "meta"
+
+
+def test_weight_ema_never_reads_a_count_from_the_device() -> None:
+    """On meta (as on CUDA) reading a tensor's value fails (waits for the GPU): the EMA must not."""
+    model = create_model("fast").to("meta")
+    ema = train.build_ema(model, 0.999)
+    for _ in range(3):
+        ema.update_parameters(model)  # failed here with "Cannot copy out of meta tensor"
+    assert int(ema.n_averaged) == 3
+
+
+def test_device_description_names_the_device() -> None:
+    assert train.device_description(torch.device("cpu")) == "cpu"
+
+
+@pytest.fixture(scope="module")
+def tiny_data(mnist_train: DigitData) -> tuple[DigitData, DigitData]:
+    return (mnist_train.subset(np.arange(20000, 20640), "mnist:train[20000:20640]"),
+            mnist_train.subset(np.arange(30000, 30200), "mnist:train[30000:30200]"))
+
+
+def _config():
+    # dropout, augmentation and weight EMA: every random stream and the EMA count take part
+    return get_preset("seed2017").with_overrides(epochs=2, batch_size=32, ema_decay=0.99, precision="fp32")
+
+
+def test_reading_losses_every_few_steps_changes_nothing(tmp_path: Path, tiny_data, monkeypatch) -> None:
+    """A GPU reads the losses every 50 steps: the same weights and metrics as reading every step."""
+    every_step = fit(_config(), tmp_path / "every-step", data=tiny_data)
+    monkeypatch.setattr(train, "sync_interval", lambda device: 7)  # 20 steps/epoch: blocks of 7, 7, 6
+    blocks = fit(_config(), tmp_path / "blocks", data=tiny_data)
+    for key, value in every_step.model.state_dict().items():
+        assert torch.equal(value, blocks.model.state_dict()[key]), key
+    assert _untimed(read_metrics(every_step.run_dir)) == _untimed(read_metrics(blocks.run_dir))
+    batch_steps = [r["step"] for r in read_metrics(blocks.run_dir) if r["type"] == "batch"]
+    assert batch_steps == list(range(1, 21)) * 2  # every batch is still written
+
+
+def test_ctrl_c_with_block_reads_stops_at_a_block_end_and_resumes_exactly(tmp_path: Path, tiny_data,
+                                                                          monkeypatch) -> None:
+    monkeypatch.setattr(train, "sync_interval", lambda device: 7)
+    reference = fit(_config(), tmp_path / "reference", data=tiny_data)
+
+    def ctrl_c(event: dict) -> None:
+        if event["event"] == "batch" and event["epoch"] == 1 and event["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted) as stop:
+        fit(_config(), tmp_path / "stopped", callbacks=[ctrl_c], data=tiny_data)
+    assert (stop.value.epoch, stop.value.step) == (1, 7)  # the block that saw Ctrl-C is finished first
+    resumed = fit(None, resume=tmp_path / "stopped", data=tiny_data)
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    assert _untimed(read_metrics(reference.run_dir)) == _untimed(read_metrics(resumed.run_dir))
