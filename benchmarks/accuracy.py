@@ -20,8 +20,7 @@ import torch
 
 from digitlab.data import load_mnist
 from digitlab.ensemble import train_ensemble
-from digitlab.inference import ensemble_members, is_ensemble, load_predictor
-from digitlab.predict import tta_proba
+from digitlab.inference import ensemble_members, is_ensemble, load_predictor, tta_proba
 from digitlab.presets import get_preset
 from digitlab.train import fit
 

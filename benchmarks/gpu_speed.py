@@ -20,7 +20,8 @@ import torch
 
 from digitlab.data import load_source
 from digitlab.presets import get_preset
-from digitlab.train import fit, resolve_device
+from digitlab.runtime import resolve_device
+from digitlab.train import fit
 
 
 def main() -> None:

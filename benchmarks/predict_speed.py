@@ -28,7 +28,7 @@ from digitlab.checkpoint import load_model
 from digitlab.data import load_mnist
 from digitlab.inference import Predictor
 from digitlab.models import create_model
-from digitlab.train import prepare_model, to_input
+from digitlab.runtime import prepare_model, to_input
 
 ProbaFn = Callable[[np.ndarray], np.ndarray]
 BackendFactory = Callable[[nn.Module, np.ndarray], ProbaFn]

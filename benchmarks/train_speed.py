@@ -20,7 +20,8 @@ from digitlab.augment import augment_batch
 from digitlab.data import load_mnist
 from digitlab.models import create_model
 from digitlab.presets import get_preset
-from digitlab.train import autocast, build_optimizer, cpu_has_fast_bf16, fit, prepare_model, to_input
+from digitlab.runtime import autocast, cpu_has_fast_bf16, prepare_model, to_input
+from digitlab.train import build_optimizer, fit
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from digitlab import train
+from digitlab import runtime, train
 from digitlab.config import DEVICES
 from digitlab.data import DigitData
 from digitlab.models import create_model
@@ -73,7 +73,7 @@ def test_weight_ema_never_reads_a_count_from_the_device() -> None:
 
 
 def test_device_description_names_the_device() -> None:
-    assert train.device_description(torch.device("cpu")) == "cpu"
+    assert runtime.device_description(torch.device("cpu")) == "cpu"
 
 
 @pytest.fixture(scope="module")

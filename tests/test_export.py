@@ -24,6 +24,7 @@ from digitlab.export import (
     OnnxPredictor,
     export_onnx,
     load_onnx_predictor,
+    open_predictor,
     parity_check,
     read_onnx_metadata,
 )
@@ -91,7 +92,7 @@ def test_onnx_predictor_matches_the_torch_predictor(run_copy: Path, exported: Pa
                                                     mnist_test: DigitData) -> None:
     images = mnist_test.images[:500]
     torch_probs = load_predictor(run_copy, precision="fp32").predict_proba(images)
-    onnx_predictor = load_predictor(run_copy, backend="onnx", batch_size=128)
+    onnx_predictor = open_predictor(run_copy, backend="onnx", batch_size=128)
     assert isinstance(onnx_predictor, OnnxPredictor)
     assert onnx_predictor.meta["preset"] == "quick" and onnx_predictor.precision == "fp32"
     np.testing.assert_allclose(onnx_predictor.predict_proba(images), torch_probs, atol=1e-5)
@@ -113,12 +114,12 @@ def test_fresh_model_onnx_is_used_and_stale_one_ignored(tiny_run: Path, tmp_path
     (run / ONNX_FILE).write_bytes(b"not an onnx model")
     weights_time = (run / "model.safetensors").stat().st_mtime
     os.utime(run / ONNX_FILE, (weights_time - 60, weights_time - 60))  # older than the weights: stale
-    predictor = load_predictor(run, backend="onnx")  # exported in memory instead
+    predictor = open_predictor(run, backend="onnx")  # exported in memory instead
     assert predictor.predict_proba(np.zeros((1, 28, 28), np.uint8)).shape == (1, 10)
     assert (run / ONNX_FILE).read_bytes() == b"not an onnx model"  # nothing written into the run
     os.utime(run / ONNX_FILE, (weights_time + 60, weights_time + 60))  # newer: it is used
     with pytest.raises(DigitlabError, match="ONNX Runtime cannot load the model"):
-        load_predictor(run, backend="onnx")
+        open_predictor(run, backend="onnx")
 
 
 def test_ensemble_exports_its_mean_probabilities(tiny_run: Path, tmp_path: Path, mnist_test: DigitData) -> None:
@@ -144,7 +145,7 @@ def test_ensemble_exports_its_mean_probabilities(tiny_run: Path, tmp_path: Path,
 
 def test_errors() -> None:
     with pytest.raises(DigitlabError, match="unknown backend 'tensorflow'"):
-        load_predictor(".", backend="tensorflow")
+        open_predictor(".", backend="tensorflow")
     with pytest.raises(DigitlabError, match=r"no such run folder or \.onnx file"):
         load_onnx_predictor("/nonexistent/run")
 

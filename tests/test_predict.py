@@ -15,8 +15,8 @@ from PIL import Image, ImageDraw, ImageFont
 from digitlab.cli import main
 from digitlab.data import DigitData, write_idx, write_kaggle_csv
 from digitlab.errors import DigitlabError
-from digitlab.inference import load_predictor
-from digitlab.predict import predict_inputs, read_submission, submission_csv, tta_proba, validate_submission
+from digitlab.inference import load_predictor, tta_proba
+from digitlab.predict import predict_inputs, read_submission, submission_csv, validate_submission
 
 FONT = font_manager.findfont("DejaVu Sans")
 

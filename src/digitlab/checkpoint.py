@@ -23,11 +23,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from digitlab.errors import DigitlabError
+from digitlab.rundir import MODEL_FILE, MODEL_META
 
 FORMAT_VERSION = 1
-MODEL_FILE = "model.safetensors"
-MODEL_META = "model.json"
-STATE_FILE = "checkpoint.safetensors"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 CLASS_NAMES = [str(d) for d in range(10)]

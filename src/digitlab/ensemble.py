@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from digitlab.checkpoint import MODEL_META, STATE_FILE, atomic_write_json
+from digitlab.checkpoint import atomic_write_json
 from digitlab.config import TrainConfig
 from digitlab.errors import DigitlabError
-from digitlab.inference import ENSEMBLE_FILE
+from digitlab.rundir import ENSEMBLE_FILE, MODEL_META, STATE_FILE
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,7 @@ import numpy as np
 from digitlab.data import DigitData, load_source
 from digitlab.data.dataset import NUM_CLASSES
 from digitlab.errors import DigitlabError
-from digitlab.inference import Predictor, load_predictor
-from digitlab.predict import predict_proba
+from digitlab.inference import Predictor, load_predictor, predict_proba
 
 log = logging.getLogger(__name__)
 

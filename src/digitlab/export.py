@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from digitlab.checkpoint import CLASS_NAMES, INPUT_NORMALISATION, MODEL_FILE, MODEL_META, atomic_write_bytes
+from digitlab.checkpoint import CLASS_NAMES, INPUT_NORMALISATION, atomic_write_bytes
 from digitlab.errors import DigitlabError
+from digitlab.rundir import ENSEMBLE_FILE, MODEL_FILE, MODEL_META, ONNX_FILE, is_ensemble
 
 log = logging.getLogger(__name__)
 
-ONNX_FILE = "model.onnx"
 OPSET = 17  # supported by every onnxruntime >= 1.14; nothing in these nets needs newer ops
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 INPUT_SHAPE = ["batch", 1, 28, 28]  # NCHW; the batch axis is dynamic
@@ -239,7 +239,7 @@ def _is_fresh(onnx_path: Path, run_dir: Path) -> bool:
     """model.onnx exists and is newer than the weights (and ensemble manifest) it was made from."""
     if not onnx_path.is_file():
         return False
-    sources = [run_dir / MODEL_FILE, run_dir / MODEL_META, run_dir / "ensemble.json"]
+    sources = [run_dir / MODEL_FILE, run_dir / MODEL_META, run_dir / ENSEMBLE_FILE]
     newest = max((p.stat().st_mtime for p in sources if p.is_file()), default=0.0)
     return onnx_path.stat().st_mtime >= newest
 
@@ -250,7 +250,7 @@ def load_onnx_predictor(path: str | Path, batch_size: int = 2048, threads: int |
     For a folder, RUN_DIR/model.onnx is used when present and newer than the weights;
     otherwise the model is exported in memory (nothing is written into the run folder).
     """
-    from digitlab.inference import is_ensemble, load_predictor
+    from digitlab.inference import load_predictor
 
     path = Path(path)
     if path.is_file():
@@ -268,6 +268,20 @@ def load_onnx_predictor(path: str | Path, batch_size: int = 2048, threads: int |
         return OnnxPredictor(onnx_session(str(onnx_path), threads), meta, batch_size)
     log.info("exporting %s to ONNX in memory", path)
     return OnnxPredictor(onnx_session(export_onnx_bytes(path), threads), meta, batch_size)
+
+
+def open_predictor(path: str | Path, backend: str = "torch", precision: str = "auto",
+                   batch_size: int | None = None) -> Any:
+    """A run or ensemble folder in torch (`inference.Predictor`) or in ONNX Runtime (`OnnxPredictor`,
+    fp32 on the CPU, from RUN_DIR/model.onnx if fresh, else exported on the fly; `path` may also
+    be an .onnx file). Both have `predict_proba(images)`, `members` and `meta`."""
+    from digitlab.inference import load_predictor
+
+    if backend == "onnx":
+        return load_onnx_predictor(path, **({"batch_size": batch_size} if batch_size else {}))
+    if backend != "torch":
+        raise DigitlabError(f"unknown backend {backend!r}; choose torch or onnx")
+    return load_predictor(path, precision=precision, **({"batch_size": batch_size} if batch_size else {}))
 
 
 def _read_meta(run_dir: Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from digitlab.checkpoint import MODEL_META, load_model
+from digitlab.augment import rotate, translate
+from digitlab.checkpoint import load_model
 from digitlab.errors import DigitlabError
-from digitlab.train import predict_logits, prepare_model, resolve_device, resolve_precision
-
-ENSEMBLE_FILE = "ensemble.json"
+from digitlab.rundir import ENSEMBLE_FILE, MODEL_META, ensemble_members, is_ensemble
+from digitlab.runtime import predict_logits, prepare_model, resolve_device, resolve_precision
 
 
 @dataclass
@@ -51,6 +52,46 @@ class Predictor:
         return self.member_proba(images).mean(axis=0)
 
 
+# ---------------------------------------------------------------- test-time augmentation
+
+# Small views a writer's hand could also have produced: one-pixel shifts and +-8 degree tilts.
+# ("shift", dx, dy) in pixels; ("rotate", degrees).
+TTA_VIEWS: tuple[tuple, ...] = (
+    ("identity",),
+    ("shift", 1, 0), ("shift", -1, 0), ("shift", 0, 1), ("shift", 0, -1),
+    ("rotate", 8.0), ("rotate", -8.0),
+)
+
+
+def _view(x: torch.Tensor, view: tuple) -> torch.Tensor:
+    """x: (N, 1, 28, 28) float in [0, 1]."""
+    if view[0] == "identity":
+        return x
+    if view[0] == "shift":
+        return translate(x, float(view[1]), float(view[2]))
+    if view[0] == "rotate":
+        return rotate(x, float(view[1]), fill="constant")
+    raise ValueError(f"unknown TTA view {view!r}")
+
+
+def tta_proba(predictor: Predictor, images: np.ndarray, views: Sequence[tuple] = TTA_VIEWS) -> np.ndarray:
+    """(N, 10) probabilities averaged over `views` of uint8 images (N, 28, 28)."""
+    images = np.asarray(images)
+    if len(images) == 0:
+        return np.empty((0, 10), dtype=np.float32)
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)).float().div_(255).unsqueeze(1)
+    total = np.zeros((len(images), 10), dtype=np.float64)
+    for view in views:
+        # back to uint8: the Predictor's input contract; rounding costs < 0.5/255 per pixel
+        shifted = (_view(x, view).clamp_(0, 1) * 255).round_().to(torch.uint8).squeeze(1).numpy()
+        total += predictor.predict_proba(shifted)
+    return (total / len(views)).astype(np.float32)
+
+
+def predict_proba(predictor: Predictor, images: np.ndarray, tta: bool = False) -> np.ndarray:
+    return tta_proba(predictor, images) if tta else predictor.predict_proba(images)
+
+
 def _check_images(images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
     if images.ndim == 2 and images.shape[1] == 784:
@@ -64,35 +105,12 @@ def _check_images(images: np.ndarray) -> np.ndarray:
     return images
 
 
-def is_ensemble(path: Path) -> bool:
-    return (Path(path) / ENSEMBLE_FILE).is_file()
-
-
-def ensemble_members(path: Path) -> list[Path]:
-    manifest = Path(path) / ENSEMBLE_FILE
-    try:
-        names = json.loads(manifest.read_text())["members"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise DigitlabError(f"{manifest}: corrupt ensemble manifest ({exc})") from None
-    members = [Path(path) / name for name in names]
-    if not members:
-        raise DigitlabError(f"{manifest}: lists no members")
-    return members
-
-
 def load_predictor(path: str | Path, precision: str = "auto", device: str = "cpu",
-                   batch_size: int = 256, backend: str = "torch") -> Predictor:
-    """A run folder (model.safetensors + model.json) or an ensemble folder (ensemble.json).
+                   batch_size: int = 256) -> Predictor:
+    """A run folder (model.safetensors + model.json) or an ensemble folder (ensemble.json), in torch.
 
-    backend="onnx" returns an ONNX Runtime `digitlab.export.OnnxPredictor` (same methods; fp32,
-    CPU) from RUN_DIR/model.onnx if fresh, else exported on the fly; `path` may be an .onnx file.
+    (ONNX Runtime: `digitlab.export.open_predictor(path, backend="onnx")`.)
     """
-    if backend == "onnx":
-        from digitlab.export import load_onnx_predictor
-
-        return load_onnx_predictor(path, batch_size=batch_size)  # type: ignore[return-value]
-    if backend != "torch":
-        raise DigitlabError(f"unknown backend {backend!r}; choose torch or onnx")
     path = Path(path)
     if not path.is_dir():
         raise DigitlabError(f"{path}: no such run folder")

@@ -1,7 +1,7 @@
 """Inputs (Kaggle test.csv, IDX, .npy, PNG/JPEG files or folders) -> probabilities -> predictions.
 
-Also test-time augmentation (`tta_proba`, shared with evaluate) and a validated Kaggle
-submission.csv writer. One bad input is reported and skipped; the others are still predicted.
+Also a validated Kaggle submission.csv writer (test-time augmentation lives in `inference`).
+One bad input is reported and skipped; the others are still predicted.
 """
 
 from __future__ import annotations
@@ -15,61 +15,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from digitlab.augment import rotate, translate
 from digitlab.checkpoint import atomic_write_bytes
 from digitlab.data.idx import read_idx
 from digitlab.data.images import IMAGE_SUFFIXES
 from digitlab.data.kaggle import load_kaggle_csv
 from digitlab.errors import DigitlabError
-from digitlab.inference import Predictor, load_predictor
+from digitlab.export import open_predictor
+from digitlab.inference import Predictor, predict_proba
 from digitlab.preprocess import load_image_file
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("csv", "json", "kaggle")
 SUBMISSION_HEADER = ("ImageId", "Label")
-
-# ---------------------------------------------------------------- test-time augmentation
-
-# Small views a writer's hand could also have produced: one-pixel shifts and +-8 degree tilts.
-# ("shift", dx, dy) in pixels; ("rotate", degrees).
-TTA_VIEWS: tuple[tuple, ...] = (
-    ("identity",),
-    ("shift", 1, 0), ("shift", -1, 0), ("shift", 0, 1), ("shift", 0, -1),
-    ("rotate", 8.0), ("rotate", -8.0),
-)
-
-
-def _view(x: torch.Tensor, view: tuple) -> torch.Tensor:
-    """x: (N, 1, 28, 28) float in [0, 1]."""
-    if view[0] == "identity":
-        return x
-    if view[0] == "shift":
-        return translate(x, float(view[1]), float(view[2]))
-    if view[0] == "rotate":
-        return rotate(x, float(view[1]), fill="constant")
-    raise ValueError(f"unknown TTA view {view!r}")
-
-
-def tta_proba(predictor: Predictor, images: np.ndarray, views: Sequence[tuple] = TTA_VIEWS) -> np.ndarray:
-    """(N, 10) probabilities averaged over `views` of uint8 images (N, 28, 28)."""
-    images = np.asarray(images)
-    if len(images) == 0:
-        return np.empty((0, 10), dtype=np.float32)
-    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)).float().div_(255).unsqueeze(1)
-    total = np.zeros((len(images), 10), dtype=np.float64)
-    for view in views:
-        # back to uint8: the Predictor's input contract; rounding costs < 0.5/255 per pixel
-        shifted = (_view(x, view).clamp_(0, 1) * 255).round_().to(torch.uint8).squeeze(1).numpy()
-        total += predictor.predict_proba(shifted)
-    return (total / len(views)).astype(np.float32)
-
-
-def predict_proba(predictor: Predictor, images: np.ndarray, tta: bool = False) -> np.ndarray:
-    return tta_proba(predictor, images) if tta else predictor.predict_proba(images)
-
 
 # ---------------------------------------------------------------- reading inputs
 
@@ -252,7 +211,7 @@ def predict_inputs(
     backend="onnx" runs a folder's model in ONNX Runtime (see digitlab.export).
     """
     is_folder = isinstance(run, str | Path)
-    predictor = load_predictor(run, backend=backend, precision=precision) if is_folder else run
+    predictor = open_predictor(run, backend=backend, precision=precision) if is_folder else run
     if batch_size is not None:
         predictor.batch_size = batch_size
     batches, errors, notes = read_inputs(inputs)

@@ -276,7 +276,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _run_folders(run_dir: Path) -> list[Path]:
-    from digitlab.inference import ensemble_members, is_ensemble
+    from digitlab.rundir import ensemble_members, is_ensemble
 
     return ensemble_members(run_dir) if is_ensemble(run_dir) else [run_dir]
 
@@ -296,7 +296,7 @@ def write_report(run_dir: str | Path, data: str | DigitData = "mnist:test", out:
     from digitlab.evaluate import evaluate_run
     from digitlab.inference import load_predictor
     from digitlab.models import summary_text
-    from digitlab.train import CONFIG_FILE, read_metrics
+    from digitlab.rundir import CONFIG_FILE, read_metrics
 
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "report" / "report.html"

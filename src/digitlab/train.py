@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -30,12 +30,21 @@ from digitlab.data import DigitData, load_source, split
 from digitlab.distributed import DistContext
 from digitlab.errors import DigitlabError
 from digitlab.models import count_parameters, create_model
+from digitlab.rundir import CONFIG_FILE, METRICS_FILE, STATE_FILE, read_metrics  # noqa: F401 (read_metrics: API)
+from digitlab.runtime import (
+    autocast,
+    configure_determinism,
+    device_description,
+    predict_logits,
+    prepare_model,
+    resolve_device,
+    resolve_precision,
+    to_input,
+)
 
 log = logging.getLogger(__name__)
 
 Callback = Callable[[dict[str, Any]], None]
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
 
 
 class TrainingInterrupted(Exception):
@@ -58,93 +67,6 @@ class RunResult:
     history: list[dict[str, Any]]  # one record per epoch
     model: nn.Module = field(repr=False)
     train_seconds: float = 0.0  # optimisation time only, evaluation excluded
-
-
-# ---------------------------------------------------------------- devices and precision
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DigitlabError("--device cuda: no CUDA device is available on this machine")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise DigitlabError("--device mps: no Apple MPS device is available on this machine")
-    return torch.device(name)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AVX512-BF16 or AMX: oneDNN then runs bf16 convolutions natively (about 2x fp32)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and _cpu_flags() & {
-            "avx512_bf16",
-            "amx_bf16",
-        } != set()
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    if name != "auto":
-        if name == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            raise DigitlabError("--precision bf16: this CPU has no bf16 support in oneDNN")
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
-    return "fp32"
-
-
-def device_description(device: torch.device) -> str:
-    """What `train` prints: "cpu", or the card's name on CUDA ("cuda:0 (NVIDIA H100 80GB HBM3)")."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-    return str(device)
-
-
-def configure_determinism(device: torch.device) -> None:
-    """On CUDA, cuDNN picks convolution algorithms by timing them unless told otherwise, and some
-    of those are not deterministic: pin deterministic ones so a resumed run repeats an uninterrupted one.
-    (Process-wide flags; the CPU needs none.)"""
-    if device.type == "cuda":
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
-    model = model.to(device)
-    if device.type == "cpu":
-        # oneDNN's convolutions are fastest in NHWC (channels_last) on x86 CPUs
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-def to_input(images_u8: torch.Tensor) -> torch.Tensor:
-    """(B, 28, 28) uint8 -> (B, 1, 28, 28) float in [0, 1]."""
-    return images_u8.unsqueeze(1).float().div_(255.0)
 
 
 # ---------------------------------------------------------------- optimisation parts
@@ -220,26 +142,6 @@ def build_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedM
 # ---------------------------------------------------------------- evaluation
 
 
-@torch.inference_mode()
-def predict_logits(
-    model: nn.Module, images_u8: torch.Tensor, batch_size: int = 1024, precision: str = "fp32",
-    device: torch.device | None = None,
-) -> torch.Tensor:
-    """Float32 logits `(N, 10)` for uint8 images `(N, 28, 28)`, in eval mode."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        for start in range(0, len(images_u8), batch_size):
-            x = to_input(images_u8[start : start + batch_size].to(device))
-            with autocast(device, precision):
-                out.append(model(x).float())
-    finally:
-        model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, 10)
-
-
 def loss_and_accuracy_tensors(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy and accuracy as 0-d tensors on the logits' device (labels follow them)."""
     labels = labels.to(logits.device)
@@ -289,13 +191,6 @@ class MetricsLog:
             if rec["epoch"] < epoch or (rec["epoch"] == epoch and rec["type"] == "batch" and rec["step"] <= step):
                 kept.append(line)
         ckpt.atomic_write_bytes(self.path, ("\n".join(kept) + "\n").encode() if kept else b"")
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @contextmanager
@@ -581,7 +476,7 @@ def fit(
     }
 
     if resume is not None:
-        tensors, header = ckpt.load_state(run_dir / ckpt.STATE_FILE)
+        tensors, header = ckpt.load_state(run_dir / STATE_FILE)
         info = header["info"]
         if info["data"]["train_fingerprint"] != data_info["train_fingerprint"]:
             raise DigitlabError(
@@ -633,7 +528,7 @@ def fit(
             extra["perm"] = perm
         if trainer.ema is not None:
             extra.update({f"ema.{k}": v for k, v in trainer.ema.state_dict().items()})
-        ckpt.save_state(run_dir / ckpt.STATE_FILE, trainer.bare_model, trainer.optimizer, trainer.scheduler, rng,
+        ckpt.save_state(run_dir / STATE_FILE, trainer.bare_model, trainer.optimizer, trainer.scheduler, rng,
                         {"position": position, "history": history, "data": data_info,
                          "config": config.to_dict(), "world_size": ctx.world_size}, extra)
 

@@ -344,7 +344,7 @@ def _load(model: str | Path | ProbabilityModel, backend: str) -> ProbabilityMode
         except Exception as exc:  # the exporter met something it cannot translate
             raise DigitlabError(f"{model}: cannot run in ONNX Runtime ({exc.__class__.__name__}: {exc}); "
                                 "serve it with backend torch instead") from None
-    return load_predictor(model, backend=backend)
+    return load_predictor(model)
 
 
 def model_info(predictor: ProbabilityModel, limits: Limits) -> dict[str, Any]:
