@@ -21,6 +21,7 @@ from digitlab.train import TrainingInterrupted, fit, read_metrics, steps_per_epo
 
 pytestmark = [
     pytest.mark.cuda,
+    pytest.mark.slow,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 

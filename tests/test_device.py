@@ -87,6 +87,7 @@ def _config():
     return get_preset("seed2017").with_overrides(epochs=2, batch_size=32, ema_decay=0.99, precision="fp32")
 
 
+@pytest.mark.slow
 def test_reading_losses_every_few_steps_changes_nothing(tmp_path: Path, tiny_data, monkeypatch) -> None:
     """A GPU reads the losses every 50 steps: the same weights and metrics as reading every step."""
     every_step = fit(_config(), tmp_path / "every-step", data=tiny_data)
@@ -99,6 +100,7 @@ def test_reading_losses_every_few_steps_changes_nothing(tmp_path: Path, tiny_dat
     assert batch_steps == list(range(1, 21)) * 2  # every batch is still written
 
 
+@pytest.mark.slow
 def test_ctrl_c_with_block_reads_stops_at_a_block_end_and_resumes_exactly(tmp_path: Path, tiny_data,
                                                                           monkeypatch) -> None:
     monkeypatch.setattr(train, "sync_interval", lambda device: 7)

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from digitlab.data import DigitData, write_kaggle_csv
 from digitlab.train import read_metrics
 
+pytestmark = pytest.mark.slow  # two processes each: ~10 s a test
+
 RANK_SCRIPT = textwrap.dedent(
     """
     import os, sys

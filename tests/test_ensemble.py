@@ -26,6 +26,7 @@ def _config(csv: Path):
     return get_preset("fast").with_overrides(data=f"kaggle:{csv}", epochs=4, batch_size=32, val_split=0.2)
 
 
+@pytest.mark.slow
 def test_two_member_ensemble_averages_member_probabilities(tmp_path: Path, csv_1000: Path,
                                                            mnist_test: DigitData) -> None:
     out = train_ensemble(_config(csv_1000), tmp_path / "ens", members=2, first_seed=5)
@@ -41,6 +42,7 @@ def test_two_member_ensemble_averages_member_probabilities(tmp_path: Path, csv_1
     assert accuracy > 0.8
 
 
+@pytest.mark.slow
 def test_parallel_jobs_and_rerun_skips_finished_members(tmp_path: Path, csv_1000: Path, capsys) -> None:
     argv = ["ensemble", "--preset", "fast", "--data", f"kaggle:{csv_1000}", "--members", "2", "--jobs", "2",
             "--epochs", "1", "--batch-size", "64", "--val-split", "0.2", "--out", str(tmp_path / "ens")]

@@ -13,7 +13,7 @@ from digitlab.cli import main
 from digitlab.data import DigitData, write_idx_dir, write_kaggle_csv
 from digitlab.errors import DigitlabError
 from digitlab.evaluate import evaluate_predictions, evaluate_run
-from digitlab.inference import load_predictor
+from digitlab.inference import load_predictor, tta_proba
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +102,15 @@ def test_evaluate_run_and_ensemble(tiny_run: Path, test_slice: DigitData, slice_
     assert twice.accuracy == direct.accuracy and twice.to_dict()["members"] == 2
 
 
-def test_tta_keeps_accuracy_close(tiny_run: Path, test_slice: DigitData) -> None:
-    plain = evaluate_run(tiny_run, test_slice.subset(np.arange(500)))
-    tta = evaluate_run(tiny_run, test_slice.subset(np.arange(500)), tta=True)
-    assert tta.tta and abs(tta.accuracy - plain.accuracy) < 0.03
+def test_tta_evaluates_the_averaged_views(tiny_run: Path, test_slice: DigitData) -> None:
+    data = test_slice.subset(np.arange(500))
+    predictor = load_predictor(tiny_run)
+    tta = evaluate_run(tiny_run, data, tta=True)
+    expected = evaluate_predictions(tta_proba(predictor, data.images), data.labels)
+    plain = evaluate_predictions(predictor.predict_proba(data.images), data.labels)
+    assert tta.tta and tta.log_loss == pytest.approx(expected.log_loss, abs=1e-6)
+    assert tta.log_loss != pytest.approx(plain.log_loss, abs=1e-3)  # TTA really changed the probabilities
+    assert abs(tta.accuracy - plain.accuracy) < 0.03
 
 
 def test_unlabelled_source_is_an_error(tiny_run: Path, test_slice: DigitData, tmp_path: Path) -> None:

@@ -177,8 +177,28 @@ def test_tta_proba(tiny_run: Path, digits: DigitData) -> None:
     probs = tta_proba(predictor, digits.images[:200])
     assert probs.shape == (200, 10)
     np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-4)
-    plain = predictor.predict_proba(digits.images[:200]).argmax(1)
-    assert (probs.argmax(1) == plain).mean() > 0.95  # small views: mostly the same answers
+    plain = predictor.predict_proba(digits.images[:200])
+    assert np.abs(probs - plain).max() > 0.01  # the views change the answer's confidence...
+    assert (probs.argmax(1) == plain.argmax(1)).mean() > 0.95  # ...but mostly not the answer
+
+
+def _shifted(images: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    """Move the ink by (dx, dy) pixels, background coming in at the edges."""
+    out = np.zeros_like(images)
+    h, w = images.shape[1:]
+    out[:, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = \
+        images[:, max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)]
+    return out
+
+
+def test_tta_is_the_mean_over_its_views(tiny_run: Path, digits: DigitData) -> None:
+    predictor = load_predictor(tiny_run)
+    images = digits.images[:100]
+    shifts = [(1, 0), (-1, 0), (0, 1), (0, -1)]
+    views = [("identity",)] + [("shift", dx, dy) for dx, dy in shifts]
+    expected = np.mean([predictor.predict_proba(images)]
+                       + [predictor.predict_proba(_shifted(images, dx, dy)) for dx, dy in shifts], axis=0)
+    np.testing.assert_allclose(tta_proba(predictor, images, views), expected, atol=1e-5)
 
 
 # (canvas size, font size, ink, paper): off-centre printed digits of different sizes and colours
@@ -213,6 +233,7 @@ def test_printed_digits_are_recognised(tiny_run: Path, tmp_path: Path) -> None:
     assert correct >= int((naive == truth).sum()) + 10
 
 
+@pytest.mark.slow
 def test_int8_predictor_agrees_with_fp32(tiny_run, mnist_test) -> None:
     from digitlab.inference import load_predictor
 

@@ -67,6 +67,7 @@ def test_contents(report: Path, eval_data: DigitData) -> None:
     assert "most confident first" in html
 
 
+@pytest.mark.slow
 def test_cli_default_out(tiny_run: Path, tmp_path: Path, eval_data: DigitData,
                          capsys: pytest.CaptureFixture) -> None:
     from digitlab.data import write_idx_dir
@@ -80,6 +81,7 @@ def test_cli_default_out(tiny_run: Path, tmp_path: Path, eval_data: DigitData,
     assert all((run / "report" / name).is_file() for name in FIGURE_FILES.values())
 
 
+@pytest.mark.slow
 def test_ensemble_report(tiny_run: Path, eval_data: DigitData, tmp_path: Path) -> None:
     ensemble = tmp_path / "ens"
     ensemble.mkdir()

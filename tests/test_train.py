@@ -55,6 +55,7 @@ def csv_640(tmp_path_factory, mnist_train: DigitData) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_one_epoch_on_2000_images_learns_and_writes_a_complete_run(tmp_path: Path, csv_2000: Path) -> None:
     config = get_preset("quick").with_overrides(data=f"kaggle:{csv_2000}", epochs=1, batch_size=32,
                                                 val_split=0.2)
@@ -104,6 +105,7 @@ def _tiny_config(csv: Path, **kw):
     return get_preset("seed2017").with_overrides(**base)
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics_and_ctrl_c_resume_is_bit_identical(tmp_path: Path, csv_640: Path) -> None:
     config = _tiny_config(csv_640)
     reference = fit(config, tmp_path / "reference")
@@ -142,6 +144,7 @@ KILL_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path: Path, csv_640: Path) -> None:
     reference = fit(_tiny_config(csv_640), tmp_path / "reference")
     run = tmp_path / "killed"
@@ -154,6 +157,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path: Path, csv_640:
     assert _untimed(read_metrics(reference.run_dir)) == _untimed(read_metrics(run))
 
 
+@pytest.mark.slow
 def test_cli_ctrl_c_saves_and_prints_resume_command(tmp_path: Path, csv_640: Path) -> None:
     run = tmp_path / "run"
     proc = subprocess.Popen(

@@ -533,3 +533,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except BrokenPipeError:  # `digitlab ... | head` is not an error
         return 0
+    except KeyboardInterrupt:  # before training installs its own handler (e.g. while torch imports)
+        print("\ninterrupted", file=sys.stderr)
+        return 130

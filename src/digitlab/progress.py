@@ -37,12 +37,7 @@ class TrainingProgress:
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event["event"]
         if kind == "start":
-            cfg = event["config"]
-            self._write(
-                f"training {cfg.preset} ({cfg.model}) on {event['train_count']:,} images, "
-                f"validating on {event['val_count']:,}; {event['device']} {event['precision']}, "
-                f"batch {cfg.batch_size}, {cfg.epochs} epochs -> {event['run_dir']}\n"
-            )
+            self._write(start_line(event) + "\n")
         elif kind == "epoch_start":
             self._epoch_start = time.perf_counter()
             self._loss = self._acc = 0.0
@@ -89,3 +84,21 @@ def epoch_line(rec: dict[str, Any]) -> str:
         line += f"  val_loss {rec['val_loss']:.4f}  val_acc {rec['val_acc']:.4f}"
     line += f"  lr {rec['lr']:.2e}  {rec['images_per_s']:,.0f} img/s  {rec['train_seconds']:.1f}s"
     return line
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
+
+
+def start_line(event: dict[str, Any]) -> str:
+    """The first line of a run: what trains where; for a resumed run, where it picks up."""
+    cfg = event["config"]
+    where = f"{event['device']} {event['precision']}"
+    if event.get("resumed"):
+        if event["start_epoch"] > cfg.epochs:
+            return f"{event['run_dir']}: already finished ({plural(cfg.epochs, 'epoch')}); nothing to resume"
+        return (f"resuming {cfg.preset} in {event['run_dir']} at epoch {event['start_epoch']}, step "
+                f"{event['start_step']} of {plural(cfg.epochs, 'epoch')}; {where}")
+    return (f"training {cfg.preset} ({cfg.model}) on {plural(event['train_count'], 'image')}, validating on "
+            f"{event['val_count']:,}; {where}, batch {cfg.batch_size}, {plural(cfg.epochs, 'epoch')} "
+            f"-> {event['run_dir']}")

@@ -517,7 +517,8 @@ def fit(
 
     emit({"event": "start", "run_dir": str(run_dir), "config": config, "device": device_description(device),
           "precision": precision, "train_count": len(train_data), "val_count": data_info["val_count"],
-          "steps_per_epoch": epoch_steps, "start_epoch": start_epoch, "world_size": ctx.world_size})
+          "steps_per_epoch": epoch_steps, "start_epoch": start_epoch, "world_size": ctx.world_size,
+          "resumed": resume is not None, "start_step": state.step if state is not None else 0})
 
     def save_state(position: dict[str, Any], perm: torch.Tensor | None) -> None:
         rng = _rng_tensors(trainer, order_generator)  # a collective: every rank takes part

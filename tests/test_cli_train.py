@@ -1,0 +1,70 @@
+"""What `digitlab train` says: where a resumed run picks up, that a finished run is finished,
+singular and plural, and a clean line for Ctrl-C before training has started."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from digitlab.cli import main
+from digitlab.data import DigitData, write_kaggle_csv
+from digitlab.presets import get_preset
+from digitlab.progress import start_line
+from digitlab.train import TrainingInterrupted, fit
+
+
+@pytest.fixture(scope="module")
+def csv_320(tmp_path_factory, mnist_train: DigitData) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.csv"
+    write_kaggle_csv(path, mnist_train.subset(np.arange(40000, 40320)))
+    return path
+
+
+def _config(csv: Path, epochs: int):
+    return get_preset("fast").with_overrides(data=f"kaggle:{csv}", epochs=epochs, batch_size=32, val_split=0.25,
+                                             epoch_fraction=1.0)
+
+
+def test_resume_says_where_it_picks_up(tmp_path: Path, csv_320: Path, capsys) -> None:
+    def ctrl_c(event: dict) -> None:
+        if event["event"] == "batch" and event["epoch"] == 2 and event["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        fit(_config(csv_320, 2), tmp_path / "run", callbacks=[ctrl_c])
+    assert main(["train", "--resume", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert f"resuming fast in {tmp_path / 'run'} at epoch 2, step 3 of 2 epochs" in err
+    assert "training fast" not in err
+
+
+def test_resuming_a_finished_run_says_it_is_finished(tmp_path: Path, csv_320: Path, capsys) -> None:
+    fit(_config(csv_320, 1), tmp_path / "run")
+    assert main(["train", "--resume", str(tmp_path / "run")]) == 0
+    captured = capsys.readouterr()
+    assert f"{tmp_path / 'run'}: already finished (1 epoch); nothing to resume" in captured.err
+    assert "epoch   1/1" not in captured.err  # nothing was trained again
+
+
+def test_start_line_counts_in_singular_and_plural() -> None:
+    event = {"config": get_preset("quick").with_overrides(epochs=1), "device": "cpu", "precision": "bf16",
+             "train_count": 1, "val_count": 0, "run_dir": "runs/x"}
+    assert "1 epoch ->" in start_line(event) and "on 1 image," in start_line(event)
+    event["config"], event["train_count"] = get_preset("quick"), 48000
+    assert "3 epochs ->" in start_line(event) and "on 48,000 images," in start_line(event)
+
+
+def test_ctrl_c_before_training_starts_is_one_line(monkeypatch, capsys) -> None:
+    import digitlab.progress
+
+    def interrupted(*args, **kwargs):  # as if Ctrl-C arrived while torch was still importing
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(digitlab.progress, "TrainingProgress", interrupted)
+    assert main(["train", "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "interrupted"
