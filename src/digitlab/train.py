@@ -227,6 +227,15 @@ class EpochState:
     seen: int = 0
     train_seconds: float = 0.0
 
+    def position(self) -> dict[str, Any]:
+        """What the checkpoint keeps of it (the permutation travels as a tensor)."""
+        return {"epoch": self.epoch, "step": self.step, "loss_sum": self.loss_sum, "correct": self.correct,
+                "seen": self.seen, "train_seconds": self.train_seconds}
+
+    @classmethod
+    def from_position(cls, position: dict[str, Any], perm: torch.Tensor) -> EpochState:
+        return cls(perm=perm, **position)
+
 
 @dataclass
 class Trainer:
@@ -409,6 +418,31 @@ def _restore_rng(trainer: Trainer, order_generator: torch.Generator, rng: dict[s
         torch.cuda.set_rng_state(rng[f"cuda.{rank}"], trainer.device)
 
 
+@dataclass
+class _Run:
+    """Everything one call of `fit` works with, set up once by `_open_run`."""
+
+    run_dir: Path
+    config: TrainConfig
+    ctx: DistContext
+    trainer: Trainer
+    order_generator: torch.Generator  # epoch order, on the CPU whatever the device
+    images: torch.Tensor  # (N, 28, 28) uint8 on the device
+    labels: torch.Tensor  # (N,) int64 on the device
+    val_images: torch.Tensor | None
+    val_labels: torch.Tensor | None
+    data_info: dict[str, Any]
+    metrics: MetricsLog
+    emit: Callback
+    history: list[dict[str, Any]] = field(default_factory=list)
+    state: EpochState | None = None  # set when resuming mid-epoch
+    start_epoch: int = 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.trainer.device
+
+
 def fit(
     config: TrainConfig | None,
     out_dir: str | Path | None = None,
@@ -422,13 +456,27 @@ def fit(
     sources are loaded. Ctrl-C saves the state and raises TrainingInterrupted. Under
     torchrun, every rank calls fit and only rank 0 writes files or emits events.
     """
+    run = _open_run(config, out_dir, resume, list(callbacks), data)
+    if resume is not None:
+        _restore(run)
+    elif run.ctx.is_main:
+        _write_run_config(run)
+    run.emit({"event": "start", "run_dir": str(run.run_dir), "config": run.config,
+              "device": device_description(run.device), "precision": run.trainer.precision,
+              "train_count": run.data_info["train_count"], "val_count": run.data_info["val_count"],
+              "steps_per_epoch": steps_per_epoch(run.data_info["train_count"], run.config),
+              "start_epoch": run.start_epoch, "world_size": run.ctx.world_size, "resumed": resume is not None,
+              "start_step": run.state.step if run.state is not None else 0})
+    with _sigint_flag() as stop:
+        for epoch in range(run.start_epoch, run.config.epochs + 1):
+            _train_epoch(run, epoch, stop)
+    return _finish(run)
+
+
+def _open_run(config: TrainConfig | None, out_dir: str | Path | None, resume: str | Path | None,
+              callbacks: list[Callback], data: tuple[DigitData, DigitData | None] | None) -> _Run:
+    """Resolve the config, the folder, the device and the data; build the model and optimizer."""
     ctx = distributed.context_from_env()
-    callbacks = list(callbacks) if ctx.is_main else []
-
-    def emit(event: dict[str, Any]) -> None:
-        for cb in callbacks:
-            cb(event)
-
     if resume is not None:
         run_dir = Path(resume)
         config = _read_run_config(run_dir)
@@ -452,152 +500,170 @@ def fit(
         raise DigitlabError(
             f"{config.data}: {len(train_data)} training images{share} is fewer than one batch of {config.batch_size}"
         )
-    trainer = _build_trainer(config, ctx, device, precision, epoch_steps)
-    # epoch order is drawn on the CPU whatever the device: the same order on every rank and machine
-    order_generator = torch.Generator(device="cpu").manual_seed(config.seed)
+    listeners = callbacks if ctx.is_main else []
 
-    images = torch.from_numpy(train_data.images).to(device)
-    labels = torch.from_numpy(train_data.labels).to(device)
-    # validation data on the device too: evaluation then moves nothing per batch
-    val_images = torch.from_numpy(val_data.images).to(device) if val_data is not None else None
-    val_labels = torch.from_numpy(val_data.labels).to(device) if val_data is not None else None
+    def emit(event: dict[str, Any]) -> None:
+        for listener in listeners:
+            listener(event)
 
-    metrics = MetricsLog(run_dir / METRICS_FILE)
-    history: list[dict[str, Any]] = []
-    state: EpochState | None = None
-    start_epoch = 1
-    data_info = {
-        "train_source": config.data,
-        "train_fingerprint": train_data.fingerprint,
-        "train_count": len(train_data),
-        "val_source": val_data.source if val_data is not None else None,
-        "val_fingerprint": val_data.fingerprint if val_data is not None else None,
-        "val_count": len(val_data) if val_data is not None else 0,
-    }
+    def on_device(array: Any) -> torch.Tensor:
+        return torch.from_numpy(array).to(device)
 
-    if resume is not None:
-        tensors, header = ckpt.load_state(run_dir / STATE_FILE)
-        info = header["info"]
-        if info["data"]["train_fingerprint"] != data_info["train_fingerprint"]:
-            raise DigitlabError(
-                f"{run_dir}: training data changed since the run started (fingerprint "
-                f"{data_info['train_fingerprint']} != {info['data']['train_fingerprint']})"
-            )
-        if info.get("world_size", 1) != ctx.world_size:
-            raise DigitlabError(f"{run_dir}: was trained by {info.get('world_size', 1)} process(es); "
-                                f"resume it with the same number, not {ctx.world_size}")
-        rng = ckpt.restore_state(tensors, header, trainer.bare_model, trainer.optimizer, trainer.scheduler)
-        extra = ckpt.extra_tensors(tensors)
-        if trainer.ema is not None:
-            trainer.ema.load_state_dict({k[4:]: v for k, v in extra.items() if k.startswith("ema.")})
-        _restore_rng(trainer, order_generator, rng)
-        history = info["history"]
-        pos = info["position"]
-        if pos["step"] > 0:  # mid-epoch stop (Ctrl-C): continue that very epoch
-            state = EpochState(epoch=pos["epoch"], perm=extra["perm"].to(device), step=pos["step"],
-                               loss_sum=pos["loss_sum"], correct=pos["correct"], seen=pos["seen"],
-                               train_seconds=pos["train_seconds"])
-            start_epoch = pos["epoch"]
-        else:
-            start_epoch = pos["epoch"] + 1
-        if ctx.is_main:
-            metrics.truncate_to(start_epoch, pos["step"])
-        log.info("resuming %s at epoch %d step %d", run_dir, start_epoch, pos["step"])
-    elif ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_json(run_dir / CONFIG_FILE, {
-            "config": config.to_dict(),
-            "resolved": {"device": str(device), "precision": precision, "threads": torch.get_num_threads(),
-                         "steps_per_epoch": epoch_steps, "world_size": ctx.world_size},
-            "data": data_info,
-            "parameters": count_parameters(trainer.bare_model),
-            "versions": ckpt.versions(),
-            "started": datetime.now().isoformat(timespec="seconds"),
-        })
+    return _Run(
+        run_dir=run_dir, config=config, ctx=ctx,
+        trainer=_build_trainer(config, ctx, device, precision, epoch_steps),
+        # epoch order is drawn on the CPU whatever the device: the same order on every rank and machine
+        order_generator=torch.Generator(device="cpu").manual_seed(config.seed),
+        images=on_device(train_data.images), labels=on_device(train_data.labels),
+        # validation data on the device too: evaluation then moves nothing per batch
+        val_images=on_device(val_data.images) if val_data is not None else None,
+        val_labels=on_device(val_data.labels) if val_data is not None else None,
+        data_info={
+            "train_source": config.data,
+            "train_fingerprint": train_data.fingerprint,
+            "train_count": len(train_data),
+            "val_source": val_data.source if val_data is not None else None,
+            "val_fingerprint": val_data.fingerprint if val_data is not None else None,
+            "val_count": len(val_data) if val_data is not None else 0,
+        },
+        metrics=MetricsLog(run_dir / METRICS_FILE), emit=emit,
+    )
 
-    emit({"event": "start", "run_dir": str(run_dir), "config": config, "device": device_description(device),
-          "precision": precision, "train_count": len(train_data), "val_count": data_info["val_count"],
-          "steps_per_epoch": epoch_steps, "start_epoch": start_epoch, "world_size": ctx.world_size,
-          "resumed": resume is not None, "start_step": state.step if state is not None else 0})
 
-    def save_state(position: dict[str, Any], perm: torch.Tensor | None) -> None:
-        rng = _rng_tensors(trainer, order_generator)  # a collective: every rank takes part
-        if not ctx.is_main:
-            return
-        extra = {}
-        if perm is not None:
-            extra["perm"] = perm
-        if trainer.ema is not None:
-            extra.update({f"ema.{k}": v for k, v in trainer.ema.state_dict().items()})
-        ckpt.save_state(run_dir / STATE_FILE, trainer.bare_model, trainer.optimizer, trainer.scheduler, rng,
-                        {"position": position, "history": history, "data": data_info,
-                         "config": config.to_dict(), "world_size": ctx.world_size}, extra)
+def _write_run_config(run: _Run) -> None:
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_json(run.run_dir / CONFIG_FILE, {
+        "config": run.config.to_dict(),
+        "resolved": {"device": str(run.device), "precision": run.trainer.precision,
+                     "threads": torch.get_num_threads(),
+                     "steps_per_epoch": steps_per_epoch(run.data_info["train_count"], run.config),
+                     "world_size": run.ctx.world_size},
+        "data": run.data_info,
+        "parameters": count_parameters(run.trainer.bare_model),
+        "versions": ckpt.versions(),
+        "started": datetime.now().isoformat(timespec="seconds"),
+    })
 
-    with _sigint_flag() as stop:
-        for epoch in range(start_epoch, config.epochs + 1):
-            if state is None or state.epoch != epoch:
-                state = EpochState(epoch=epoch, perm=torch.randperm(len(images), generator=order_generator).to(device))
-            emit({"event": "epoch_start", "epoch": epoch, "epochs": config.epochs, "steps": epoch_steps,
-                  "step": state.step})
 
-            def on_batch(rec: dict[str, Any], epoch: int = epoch) -> None:
-                metrics.add({"type": "batch", "epoch": epoch, "step": rec["step"], "loss": rec["loss"],
-                             "lr": rec["lr"]})
-                emit({"event": "batch", "epoch": epoch, **rec})
-
-            finished = train_one_epoch(trainer, images, labels, state, stop, on_batch if ctx.is_main else None)
-            if not finished:
-                save_state({"epoch": epoch, "step": state.step, "loss_sum": state.loss_sum,
-                            "correct": state.correct, "seen": state.seen,
-                            "train_seconds": state.train_seconds}, state.perm)
-                if ctx.is_main:
-                    metrics.flush()
-                emit({"event": "interrupted", "epoch": epoch, "step": state.step})
-                distributed.shutdown(ctx)
-                raise TrainingInterrupted(run_dir, epoch, state.step)
-            lr = trainer.optimizer.param_groups[0]["lr"]
-            if trainer.scheduler is not None and not trainer.scheduler_per_step:
-                trainer.scheduler.step()
-            loss_sum, correct, seen, seconds = distributed.sum_values(
-                ctx, [state.loss_sum, state.correct, state.seen, state.train_seconds], device)
-            seconds /= ctx.world_size  # ranks run side by side: wall time is their mean
-            record: dict[str, Any] = {
-                "type": "epoch", "epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen,
-                "lr": lr, "train_seconds": seconds, "images_per_s": seen / seconds,
-            }
-            if ctx.is_main and val_images is not None and (epoch % config.eval_every == 0 or epoch == config.epochs):
-                t0 = time.perf_counter()
-                logits = predict_logits(trainer.eval_model, val_images, config.eval_batch_size, precision, device)
-                record["val_loss"], record["val_acc"] = loss_and_accuracy(logits, val_labels)
-                record["eval_seconds"] = time.perf_counter() - t0
-            history.append(record)
-            if ctx.is_main:
-                metrics.add(record)
-            save_state({"epoch": epoch, "step": 0}, None)
-            if ctx.is_main:
-                metrics.flush()
-            emit({"event": "epoch", **record, "epochs": config.epochs})
-
-    final_model = trainer.eval_model
-    final = history[-1]
-    train_seconds = sum(r["train_seconds"] for r in history)
+def _restore(run: _Run) -> None:
+    """Load the checkpoint: weights, optimizer, schedule, EMA, RNG streams, history and position."""
+    trainer, ctx = run.trainer, run.ctx
+    tensors, header = ckpt.load_state(run.run_dir / STATE_FILE)
+    info = header["info"]
+    if info["data"]["train_fingerprint"] != run.data_info["train_fingerprint"]:
+        raise DigitlabError(
+            f"{run.run_dir}: training data changed since the run started (fingerprint "
+            f"{run.data_info['train_fingerprint']} != {info['data']['train_fingerprint']})"
+        )
+    if info.get("world_size", 1) != ctx.world_size:
+        raise DigitlabError(f"{run.run_dir}: was trained by {info.get('world_size', 1)} process(es); "
+                            f"resume it with the same number, not {ctx.world_size}")
+    rng = ckpt.restore_state(tensors, header, trainer.bare_model, trainer.optimizer, trainer.scheduler)
+    extra = ckpt.extra_tensors(tensors)
+    if trainer.ema is not None:
+        trainer.ema.load_state_dict({k[4:]: v for k, v in extra.items() if k.startswith("ema.")})
+    _restore_rng(trainer, run.order_generator, rng)
+    run.history = info["history"]
+    pos = info["position"]
+    if pos["step"] > 0:  # mid-epoch stop (Ctrl-C): continue that very epoch
+        run.state = EpochState.from_position(pos, extra["perm"].to(run.device))
+        run.start_epoch = pos["epoch"]
+    else:
+        run.start_epoch = pos["epoch"] + 1
     if ctx.is_main:
-        ckpt.save_model(run_dir, final_model, {
+        run.metrics.truncate_to(run.start_epoch, pos["step"])
+    log.info("resuming %s at epoch %d step %d", run.run_dir, run.start_epoch, pos["step"])
+
+
+def _save_state(run: _Run, position: dict[str, Any], perm: torch.Tensor | None) -> None:
+    trainer = run.trainer
+    rng = _rng_tensors(trainer, run.order_generator)  # a collective: every rank takes part
+    if not run.ctx.is_main:
+        return
+    extra = {}
+    if perm is not None:
+        extra["perm"] = perm
+    if trainer.ema is not None:
+        extra.update({f"ema.{k}": v for k, v in trainer.ema.state_dict().items()})
+    ckpt.save_state(run.run_dir / STATE_FILE, trainer.bare_model, trainer.optimizer, trainer.scheduler, rng,
+                    {"position": position, "history": run.history, "data": run.data_info,
+                     "config": run.config.to_dict(), "world_size": run.ctx.world_size}, extra)
+
+
+def _train_epoch(run: _Run, epoch: int, stop: threading.Event) -> None:
+    """One epoch, its record (validation included) and its checkpoint; Ctrl-C saves and raises."""
+    config, ctx, trainer = run.config, run.ctx, run.trainer
+    if run.state is None or run.state.epoch != epoch:
+        perm = torch.randperm(len(run.images), generator=run.order_generator).to(run.device)
+        run.state = EpochState(epoch=epoch, perm=perm)
+    state = run.state
+    run.emit({"event": "epoch_start", "epoch": epoch, "epochs": config.epochs,
+              "steps": steps_per_epoch(len(run.images), config), "step": state.step})
+
+    def on_batch(rec: dict[str, Any]) -> None:
+        run.metrics.add({"type": "batch", "epoch": epoch, "step": rec["step"], "loss": rec["loss"], "lr": rec["lr"]})
+        run.emit({"event": "batch", "epoch": epoch, **rec})
+
+    if not train_one_epoch(trainer, run.images, run.labels, state, stop, on_batch if ctx.is_main else None):
+        _save_state(run, state.position(), state.perm)
+        if ctx.is_main:
+            run.metrics.flush()
+        run.emit({"event": "interrupted", "epoch": epoch, "step": state.step})
+        distributed.shutdown(ctx)
+        raise TrainingInterrupted(run.run_dir, epoch, state.step)
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    if trainer.scheduler is not None and not trainer.scheduler_per_step:
+        trainer.scheduler.step()
+    loss_sum, correct, seen, seconds = distributed.sum_values(
+        ctx, [state.loss_sum, state.correct, state.seen, state.train_seconds], run.device)
+    seconds /= ctx.world_size  # ranks run side by side: wall time is their mean
+    record: dict[str, Any] = {
+        "type": "epoch", "epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+        "lr": lr, "train_seconds": seconds, "images_per_s": seen / seconds,
+    }
+    if ctx.is_main and run.val_images is not None and (epoch % config.eval_every == 0 or epoch == config.epochs):
+        record.update(_validate(run))
+    run.history.append(record)
+    if ctx.is_main:
+        run.metrics.add(record)
+    _save_state(run, {"epoch": epoch, "step": 0}, None)
+    if ctx.is_main:
+        run.metrics.flush()
+    run.emit({"event": "epoch", **record, "epochs": config.epochs})
+
+
+def _validate(run: _Run) -> dict[str, float]:
+    t0 = time.perf_counter()
+    trainer = run.trainer
+    logits = predict_logits(trainer.eval_model, run.val_images, run.config.eval_batch_size, trainer.precision,
+                            run.device)
+    val_loss, val_acc = loss_and_accuracy(logits, run.val_labels)
+    return {"val_loss": val_loss, "val_acc": val_acc, "eval_seconds": time.perf_counter() - t0}
+
+
+def _finish(run: _Run) -> RunResult:
+    """Write the final (EMA) weights with their metadata; every rank leaves together."""
+    config, ctx = run.config, run.ctx
+    final_model = run.trainer.eval_model
+    final = run.history[-1]
+    train_seconds = sum(r["train_seconds"] for r in run.history)
+    if ctx.is_main:
+        ckpt.save_model(run.run_dir, final_model, {
             "preset": config.preset,
             "model": config.model,
             "model_args": config.model_args,
             "config": config.to_dict(),
             "metrics": {k: v for k, v in final.items() if k != "type"},
-            "data": data_info,
+            "data": run.data_info,
             "parameters": count_parameters(final_model),
             "train_seconds": train_seconds,
-            "precision": precision,
+            "precision": run.trainer.precision,
             "world_size": ctx.world_size,
         })
     distributed.barrier(ctx)
     distributed.shutdown(ctx)
-    emit({"event": "end", "run_dir": str(run_dir), "final": final, "train_seconds": train_seconds})
-    return RunResult(run_dir, config, final, history, final_model, train_seconds)
+    run.emit({"event": "end", "run_dir": str(run.run_dir), "final": final, "train_seconds": train_seconds})
+    return RunResult(run.run_dir, config, final, run.history, final_model, train_seconds)
 
 
 def _read_run_config(run_dir: Path) -> TrainConfig:
