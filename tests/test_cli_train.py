@@ -68,3 +68,26 @@ def test_ctrl_c_before_training_starts_is_one_line(monkeypatch, capsys) -> None:
     assert main(["train", "--quiet"]) == 130
     err = capsys.readouterr().err
     assert err.strip() == "interrupted"
+
+
+def test_every_recipe_flag_reaches_the_config(monkeypatch, tmp_path: Path) -> None:
+    import digitlab.train
+
+    seen = {}
+
+    def fake_fit(config, **kwargs):
+        seen["config"] = config
+        raise KeyboardInterrupt  # stop right there; main turns it into exit 130
+
+    monkeypatch.setattr(digitlab.train, "fit", fake_fit)
+    argv = ["train", "--preset", "quick", "--data", "mnist:test", "--val-data", "mnist:train", "--val-split", "0.1",
+            "--epochs", "7", "--epoch-fraction", "0.5", "--batch-size", "33", "--precision", "fp32", "--lr", "0.02",
+            "--optimizer", "sgd", "--schedule", "cosine", "--label-smoothing", "0.05", "--seed", "9",
+            "--device", "cpu", "--out", str(tmp_path / "r"), "--quiet"]
+    assert main(argv) == 130
+    config = seen["config"]
+    assert (config.data, config.val_data, config.val_split, config.epochs, config.epoch_fraction) == (
+        "mnist:test", "mnist:train", 0.1, 7, 0.5)
+    assert (config.batch_size, config.precision, config.lr, config.optimizer, config.schedule) == (
+        33, "fp32", 0.02, "sgd", "cosine")
+    assert (config.label_smoothing, config.seed, config.device, config.preset) == (0.05, 9, "cpu", "quick")

@@ -10,8 +10,10 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from pathlib import Path
 
+from digitlab.config import DEVICES, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
 from digitlab.errors import DigitlabError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -30,6 +32,10 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _add_run_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (or ensemble folder)")
 
 
 # ---------------------------------------------------------------- data
@@ -156,7 +162,7 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                         help="share of the training data drawn at random for each epoch, in (0, 1] "
                         "(fast: a shorter first epoch)")
     parser.add_argument("--batch-size", type=_positive_int, default=None, help="images per optimizer step")
-    parser.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
+    parser.add_argument("--precision", default=None, choices=PRECISIONS,
                         help="auto picks bf16 where the CPU has native bf16 (AVX512-BF16/AMX) or on GPU")
 
 
@@ -178,14 +184,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--val-data", default=None, help="a separate labelled source to validate on, "
                        "instead of a split of --data")
     train.add_argument("--lr", type=float, default=None, help="(peak) learning rate")
-    train.add_argument("--optimizer", default=None, choices=["rmsprop", "adam", "adamw", "sgd"],
+    train.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
                        help="optimizer (sgd uses Nesterov momentum)")
-    train.add_argument("--schedule", default=None, choices=["constant", "onecycle", "cosine", "exponential"],
+    train.add_argument("--schedule", default=None, choices=SCHEDULES,
                        help="learning-rate schedule")
     train.add_argument("--label-smoothing", type=float, default=None, help="label smoothing in [0, 1)")
     train.add_argument("--seed", type=int, default=None, help="seed for init, split, shuffling and "
                        "augmentation (default: 0)")
-    train.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "mps"],
+    train.add_argument("--device", default=None, choices=DEVICES,
                        help="where to train (default: auto)")
     train.add_argument("--out", type=Path, default=None, help="run folder (default: runs/PRESET-TIMESTAMP)")
     train.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
@@ -194,12 +200,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     train.set_defaults(handler=_run_train)
 
 
-_TRAIN_OVERRIDES = ("data", "val_data", "val_split", "epochs", "epoch_fraction", "batch_size", "lr", "optimizer",
-                    "schedule", "label_smoothing", "seed", "precision", "device")
+def _recipe_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The flags of this subcommand that name a TrainConfig field (`--preset` picks, not overrides)."""
+    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "preset" and hasattr(args, f.name)}
 
 
 def _base_config(preset: str | None, config_file: Path | None):
-    from digitlab.config import TrainConfig
     from digitlab.presets import DEFAULT_PRESET, get_preset
 
     if config_file is None:
@@ -218,7 +224,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from digitlab.progress import TrainingProgress
     from digitlab.train import TrainingInterrupted, fit
 
-    overrides = {name: getattr(args, name) for name in _TRAIN_OVERRIDES}
+    overrides = _recipe_overrides(args)
     if args.resume is not None:
         given = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None]
         if given or args.preset or args.out or args.config:
@@ -267,9 +273,7 @@ def _run_ensemble(args: argparse.Namespace) -> int:
     from digitlab.progress import TrainingProgress
     from digitlab.train import TrainingInterrupted
 
-    config = get_preset(args.preset).with_overrides(
-        data=args.data, val_split=args.val_split, epochs=args.epochs, epoch_fraction=args.epoch_fraction,
-        batch_size=args.batch_size, precision=args.precision)
+    config = get_preset(args.preset).with_overrides(**_recipe_overrides(args))
     training = TrainingProgress(quiet=args.quiet)
 
     def show(event: dict) -> None:
@@ -345,7 +349,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         description="Load the model once and serve it with uvicorn: POST /v1/predict (PNG/JPEG upload "
         "in field `file`, or JSON pixels), GET /v1/model, GET /healthz, the drawing page at /.",
     )
-    serve.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (or ensemble folder)")
+    _add_run_dir(serve)
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it)")
     serve.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
@@ -364,7 +368,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="write a run as an ONNX model with its preprocessing in the metadata")
-    export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (or ensemble folder)")
+    _add_run_dir(export)
     export.add_argument("--format", choices=["onnx"], default="onnx", help="output format (default: onnx)")
     export.add_argument("--out", type=Path, default=None, help="file to write (default: RUN_DIR/model.onnx)")
     export.add_argument("--no-check", action="store_true",
@@ -393,7 +397,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         description="Predict a labelled source with a run (or ensemble) folder and compare with the labels. "
         "Mistakes are listed most confident first.",
     )
-    evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (or ensemble folder)")
+    _add_run_dir(evaluate)
     evaluate.add_argument("--data", default="mnist:test", help=SOURCE_HELP + " (default: mnist:test)")
     evaluate.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
                           help="inference precision (int8: static quantization calibrated on training images)")
@@ -419,7 +423,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         description="Write an HTML file with every figure embedded (readable offline) and each figure as a "
         "PNG beside it.",
     )
-    report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (or ensemble folder)")
+    _add_run_dir(report)
     report.add_argument("--data", default="mnist:test", help=SOURCE_HELP + " (default: mnist:test)")
     report.add_argument("--out", type=Path, default=None, help="HTML file (default: RUN_DIR/report/report.html)")
     report.add_argument("--tta", action="store_true", help="evaluate with test-time augmentation")
@@ -442,7 +446,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "stderr and skipped; the exit status is then 2.",
         epilog="Kaggle: digitlab predict RUN_DIR kaggle:test.csv --format kaggle --out submission.csv",
     )
-    predict.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (or ensemble folder)")
+    _add_run_dir(predict)
     predict.add_argument("inputs", nargs="+", metavar="INPUT",
                          help="kaggle:test.csv or *.csv, IDX image file, .npy (N,28,28)/(N,784), image file, "
                          "or folder of images")
