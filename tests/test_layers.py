@@ -75,3 +75,13 @@ def test_the_graph_is_read_at_all() -> None:
     """Guards the two tests above against passing on an empty graph."""
     graph = import_graph()
     assert "train" in graph["ensemble"] and "runtime" in graph["inference"] and "rundir" in graph["train"]
+
+
+def test_the_server_starts_without_the_csv_reader_or_torch() -> None:
+    """`digitlab serve` imports its module first; pyarrow (CSV) and torch load only when needed."""
+    import subprocess
+    import sys
+
+    code = "import sys, digitlab.serve.app; print(sorted({'pyarrow', 'torch'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

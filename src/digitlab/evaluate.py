@@ -16,7 +16,7 @@ import numpy as np
 from digitlab.data import DigitData, load_source
 from digitlab.data.dataset import NUM_CLASSES
 from digitlab.errors import DigitlabError
-from digitlab.inference import Predictor, load_predictor, predict_proba
+from digitlab.inference import ProbabilityModel, load_predictor, predict_proba
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def evaluate_predictions(probs: np.ndarray, labels: np.ndarray) -> EvalResult:
 
 
 def evaluate_run(
-    path: str | Path | Predictor, data: str | DigitData = "mnist:test", tta: bool = False,
+    path: str | Path | ProbabilityModel, data: str | DigitData = "mnist:test", tta: bool = False,
     precision: str = "auto",
 ) -> EvalResult:
     """Evaluate a run folder, ensemble folder (members averaged) or loaded Predictor on labelled data."""
@@ -191,6 +191,6 @@ def evaluate_run(
     result = evaluate_predictions(probs, data.labels)  # type: ignore[arg-type]
     result.source, result.fingerprint, result.tta, result.seconds = data.source, data.fingerprint, tta, seconds
     result.run = str(path) if isinstance(path, str | Path) else ""
-    result.extra = {"members": getattr(predictor, "members", 1), "precision": getattr(predictor, "precision", "")}
+    result.extra = {"members": predictor.members, "precision": predictor.precision}
     log.info("%s on %s: accuracy %.4f in %.2fs", result.run, data.source, result.accuracy, seconds)
     return result

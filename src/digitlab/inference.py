@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -23,6 +23,21 @@ from digitlab.rundir import ENSEMBLE_FILE, MODEL_META, ensemble_members, is_ense
 from digitlab.runtime import predict_logits, prepare_model, resolve_device, resolve_precision
 
 
+class ProbabilityModel(Protocol):
+    """What evaluate, predict, report and serve need of a model: `Predictor` (torch) or
+    `digitlab.export.OnnxPredictor` (ONNX Runtime)."""
+
+    meta: dict[str, Any]
+    precision: str
+    backend: str
+    batch_size: int
+
+    @property
+    def members(self) -> int: ...
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray: ...
+
+
 @dataclass
 class Predictor:
     """One or more models whose softmax probabilities are averaged."""
@@ -32,6 +47,7 @@ class Predictor:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     precision: str = "fp32"
     batch_size: int = 256  # on 2 CPU cores 128-256 beat 1024+ (caches); see benchmarks/RESULTS.md
+    backend: str = "torch"
 
     @property
     def members(self) -> int:
@@ -74,7 +90,7 @@ def _view(x: torch.Tensor, view: tuple) -> torch.Tensor:
     raise ValueError(f"unknown TTA view {view!r}")
 
 
-def tta_proba(predictor: Predictor, images: np.ndarray, views: Sequence[tuple] = TTA_VIEWS) -> np.ndarray:
+def tta_proba(predictor: ProbabilityModel, images: np.ndarray, views: Sequence[tuple] = TTA_VIEWS) -> np.ndarray:
     """(N, 10) probabilities averaged over `views` of uint8 images (N, 28, 28)."""
     images = np.asarray(images)
     if len(images) == 0:
@@ -88,7 +104,7 @@ def tta_proba(predictor: Predictor, images: np.ndarray, views: Sequence[tuple] =
     return (total / len(views)).astype(np.float32)
 
 
-def predict_proba(predictor: Predictor, images: np.ndarray, tta: bool = False) -> np.ndarray:
+def predict_proba(predictor: ProbabilityModel, images: np.ndarray, tta: bool = False) -> np.ndarray:
     return tta_proba(predictor, images) if tta else predictor.predict_proba(images)
 
 

@@ -22,7 +22,7 @@ from digitlab.data.images import IMAGE_SUFFIXES
 from digitlab.data.kaggle import load_kaggle_csv
 from digitlab.errors import DigitlabError
 from digitlab.export import open_predictor
-from digitlab.inference import Predictor, predict_proba
+from digitlab.inference import ProbabilityModel, predict_proba
 from digitlab.preprocess import load_image_file
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def predictions_from_proba(probs: np.ndarray, names: Sequence[str], k: int = 3) 
 
 
 def predict_inputs(
-    run: str | Path | Predictor,
+    run: str | Path | ProbabilityModel,
     inputs: Iterable[str | Path],
     top_k: int = 3,
     tta: bool = False,

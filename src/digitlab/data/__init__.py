@@ -4,15 +4,27 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import Any
 
 from digitlab.data.dataset import IMAGE_SIDE, NUM_CLASSES, DigitData, fingerprint
-from digitlab.data.idx import load_idx_dir, read_idx, write_idx, write_idx_dir
-from digitlab.data.images import load_image_folder
-from digitlab.data.kaggle import load_kaggle_csv, write_kaggle_csv
-from digitlab.data.offline import load_mnist_arrays
-from digitlab.data.split import split
 from digitlab.errors import DigitlabError
+
+# Readers load on first use: the server, which reads no CSV, then never imports pyarrow.
+_LAZY = {
+    "load_idx_dir": "idx", "read_idx": "idx", "write_idx": "idx", "write_idx_dir": "idx",
+    "load_image_folder": "images",
+    "load_kaggle_csv": "kaggle", "write_kaggle_csv": "kaggle",
+    "load_mnist_arrays": "offline",
+    "split": "split",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"digitlab.data.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 SOURCE_FORMS = (
     "mnist",
@@ -46,6 +58,8 @@ __all__ = [
 def load_mnist(part: str = "train") -> DigitData:
     if part not in ("train", "test"):
         raise DigitlabError(f"mnist part must be 'train' or 'test', got {part!r}")
+    from digitlab.data.offline import load_mnist_arrays
+
     arrays = load_mnist_arrays()
     return DigitData(arrays[f"{part}_images"], arrays[f"{part}_labels"], f"mnist:{part}")
 
@@ -60,11 +74,11 @@ def load_source(spec: str) -> DigitData:
         head, sep, tail = rest.rpartition(":")
         if sep and tail in ("train", "test"):
             directory, part = head, tail
-        return load_idx_dir(Path(directory), part)
+        return __getattr__("load_idx_dir")(Path(directory), part)
     if kind == "kaggle" and rest:
-        return load_kaggle_csv(Path(rest))
+        return __getattr__("load_kaggle_csv")(Path(rest))
     if kind == "images" and rest:
-        return load_image_folder(Path(rest))
+        return __getattr__("load_image_folder")(Path(rest))
     if kind in ("idx", "kaggle", "images") and not rest:
         what = "PATH" if kind == "kaggle" else "DIR"
         raise DigitlabError(f"data source {spec!r} has no path; write it as {kind}:{what}")

@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio.to_thread
 import numpy as np
@@ -33,6 +33,9 @@ from pydantic import BaseModel, Field
 
 from digitlab.data.images import upright
 from digitlab.errors import DigitlabError
+
+if TYPE_CHECKING:  # torch loads with the model, not with the module
+    from digitlab.inference import ProbabilityModel
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +58,6 @@ class Limits:
     max_json_bytes: int = 8 * 1024 * 1024  # 256 images x 784 numbers written with decimals fit
     max_side: int = 4096  # pixels per image side, checked from the header before decoding
     max_batch: int = 256  # images per JSON request
-
-
-class ProbabilityModel(Protocol):
-    """`digitlab.inference.Predictor` or `digitlab.export.OnnxPredictor`."""
-
-    meta: dict[str, Any]
-    precision: str
-
-    def predict_proba(self, images: np.ndarray) -> np.ndarray: ...
 
 
 class ApiError(Exception):
@@ -354,9 +348,9 @@ def model_info(predictor: ProbabilityModel, limits: Limits) -> dict[str, Any]:
     return _finite({
         "preset": meta.get("preset"),
         "model": meta.get("model") or ("ensemble" if "member_meta" in meta else None),
-        "backend": getattr(predictor, "backend", "torch"),
+        "backend": predictor.backend,
         "precision": predictor.precision,
-        "members": getattr(predictor, "members", 1),
+        "members": predictor.members,
         "parameters": meta.get("parameters"),
         "fingerprint": meta.get("fingerprint") or model_fingerprint(meta),
         "train_fingerprint": meta.get("data", {}).get("train_fingerprint"),
