@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from digitlab.data.dataset import IMAGE_SIDE, NUM_CLASSES, DigitData, fingerprint
+from digitlab.data.split import split  # eager: a lazily imported submodule would shadow the function
 from digitlab.errors import DigitlabError
 
 # Readers load on first use: the server, which reads no CSV, then never imports pyarrow.
@@ -17,7 +18,6 @@ _LAZY = {
     "load_image_folder": "images",
     "load_kaggle_csv": "kaggle", "write_kaggle_csv": "kaggle",
     "load_mnist_arrays": "offline",
-    "split": "split",
 }
 
 
