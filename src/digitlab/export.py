@@ -13,7 +13,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from torch import nn
 from digitlab.checkpoint import CLASS_NAMES, INPUT_NORMALISATION, atomic_write_bytes
 from digitlab.errors import DigitlabError
 from digitlab.rundir import ENSEMBLE_FILE, MODEL_FILE, MODEL_META, ONNX_FILE, is_ensemble
+
+if TYPE_CHECKING:
+    from digitlab.inference import ProbabilityModel
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +89,8 @@ def _load_torch(run_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
     from digitlab.inference import load_predictor
 
     predictor = load_predictor(run_dir, precision="fp32", device="cpu")
-    models = [m.to(memory_format=torch.contiguous_format).eval() for m in predictor.models]
+    models = [m.to(memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]  # stubs lack it
+              for m in predictor.models]
     module = models[0] if len(models) == 1 else _EnsembleLogits(models).eval()
     return module, predictor.meta
 
@@ -108,7 +112,10 @@ def module_to_onnx(module: nn.Module, meta: dict[str, Any] | None = None, doc: s
         # The TorchScript exporter is deprecated in favour of torch.export, which takes ~10x
         # longer here and gives the same graph for these plain conv nets.
         warnings.simplefilter("ignore")
-        torch.onnx.export(
+        # typed as Any: torch's stubs list neither a file object (which export accepts) nor every
+        # version's keywords
+        export: Any = torch.onnx.export
+        export(
             module, (example,), buffer, **_torchscript_exporter(), opset_version=OPSET,
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
@@ -271,17 +278,22 @@ def load_onnx_predictor(path: str | Path, batch_size: int = 2048, threads: int |
 
 
 def open_predictor(path: str | Path, backend: str = "torch", precision: str = "auto",
-                   batch_size: int | None = None) -> Any:
+                   batch_size: int | None = None) -> ProbabilityModel:
     """A run or ensemble folder in torch (`inference.Predictor`) or in ONNX Runtime (`OnnxPredictor`,
     fp32 on the CPU, from RUN_DIR/model.onnx if fresh, else exported on the fly; `path` may also
     be an .onnx file). Both have `predict_proba(images)`, `members` and `meta`."""
     from digitlab.inference import load_predictor
 
+    predictor: ProbabilityModel
     if backend == "onnx":
-        return load_onnx_predictor(path, **({"batch_size": batch_size} if batch_size else {}))
-    if backend != "torch":
+        predictor = load_onnx_predictor(path)
+    elif backend == "torch":
+        predictor = load_predictor(path, precision=precision)
+    else:
         raise DigitlabError(f"unknown backend {backend!r}; choose torch or onnx")
-    return load_predictor(path, precision=precision, **({"batch_size": batch_size} if batch_size else {}))
+    if batch_size is not None:
+        predictor.batch_size = batch_size
+    return predictor
 
 
 def _read_meta(run_dir: Path) -> dict[str, Any]:

@@ -210,8 +210,7 @@ def predict_inputs(
 
     backend="onnx" runs a folder's model in ONNX Runtime (see digitlab.export).
     """
-    is_folder = isinstance(run, str | Path)
-    predictor = open_predictor(run, backend=backend, precision=precision) if is_folder else run
+    predictor = open_predictor(run, backend=backend, precision=precision) if isinstance(run, str | Path) else run
     if batch_size is not None:
         predictor.batch_size = batch_size
     batches, errors, notes = read_inputs(inputs)

@@ -90,7 +90,7 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
     model = model.to(device)
     if device.type == "cpu":
         # oneDNN's convolutions are fastest in NHWC (channels_last) on x86 CPUs
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs lack the keyword
     return model
 
 

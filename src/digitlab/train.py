@@ -45,6 +45,7 @@ from digitlab.runtime import (
 log = logging.getLogger(__name__)
 
 Callback = Callable[[dict[str, Any]], None]
+TensorList = tuple[torch.Tensor, ...] | list[torch.Tensor]
 
 
 class TrainingInterrupted(Exception):
@@ -125,7 +126,7 @@ def build_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedM
         return None
 
     @torch.no_grad()
-    def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged) -> None:
+    def ema_update(ema_params: TensorList, params: TensorList, num_averaged: torch.Tensor | int) -> None:
         # the count AveragedModel passes is a copy on the weights' device: reading it would make
         # every step wait for the GPU, so read its own counter, which lives on the CPU
         d = ema_decay_at(decay, int(averaged.n_averaged))
@@ -260,7 +261,9 @@ class Trainer:
     @property
     def bare_model(self) -> nn.Module:
         """The model without its DDP wrapper: what is evaluated and saved."""
-        return self.model.module if self.ctx.enabled else self.model
+        module = self.model.module if self.ctx.enabled else self.model
+        assert isinstance(module, nn.Module)
+        return module
 
     @property
     def eval_model(self) -> nn.Module:
@@ -371,6 +374,7 @@ def _load_training_data(config: TrainConfig) -> tuple[DigitData, DigitData | Non
         return data, val
     if config.val_split == 0:
         return data, None
+    assert data.labels is not None  # has_labels, checked above
     train_idx, val_idx = split(data.labels, config.val_split, config.seed)
     return data.subset(train_idx, f"{config.data}[train]"), data.subset(val_idx, f"{config.data}[val]")
 
@@ -633,6 +637,7 @@ def _train_epoch(run: _Run, epoch: int, stop: threading.Event) -> None:
 
 
 def _validate(run: _Run) -> dict[str, float]:
+    assert run.val_images is not None and run.val_labels is not None
     t0 = time.perf_counter()
     trainer = run.trainer
     logits = predict_logits(trainer.eval_model, run.val_images, run.config.eval_batch_size, trainer.precision,
