@@ -173,5 +173,5 @@ def test_predict_cli_with_the_onnx_backend(tiny_run: Path, tmp_path: Path, mnist
     for backend in ("torch", "onnx"):
         assert main(["predict", str(tiny_run), str(images), "--format", "json", "--backend", backend]) == 0
         outputs[backend] = json.loads(capsys.readouterr().out)
-    assert [p["prediction"] for p in outputs["onnx"]] == [p["prediction"] for p in outputs["torch"]]
+    assert [p["digit"] for p in outputs["onnx"]] == [p["digit"] for p in outputs["torch"]]
     assert not (tiny_run / ONNX_FILE).exists()  # exported in memory, the shared run folder untouched

@@ -106,7 +106,7 @@ def test_csv_to_stdout_from_npy(tiny_run: Path, digits: DigitData, expected: np.
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert len(rows) == 15
     assert rows[0]["source"] == f"{tmp_path / 'flat.npy'}#1" and rows[14]["source"].endswith("scaled.npy#5")
-    np.testing.assert_array_equal([int(r["prediction"]) for r in rows], expected[:15])
+    np.testing.assert_array_equal([int(r["digit"]) for r in rows], expected[:15])
     first = rows[0]["top_k"].split()
     assert len(first) == 3 and first[0].startswith(f"{rows[0]['prediction']}:")
     assert float(rows[0]["probability"]) == pytest.approx(float(first[0].split(":")[1]), abs=1e-4)
@@ -118,9 +118,9 @@ def test_json_from_idx(tiny_run: Path, digits: DigitData, expected: np.ndarray, 
     out = tmp_path / "pred.json"
     assert main(["predict", str(tiny_run), str(idx), "--format", "json", "--top-k", "5", "--out", str(out)]) == 0
     records = json.loads(out.read_text())
-    assert [r["prediction"] for r in records] == expected[:12].tolist()
+    assert [r["digit"] for r in records] == expected[:12].tolist()
     assert all(len(r["top_k"]) == 5 for r in records)
-    assert records[0]["top_k"][0] == {"digit": records[0]["prediction"], "probability": records[0]["probability"]}
+    assert records[0]["top_k"][0] == {"digit": records[0]["digit"], "probability": records[0]["probability"]}
 
 
 def test_bad_arrays_are_reported_and_the_rest_predicted(tiny_run: Path, digits: DigitData, tmp_path: Path,
@@ -169,7 +169,7 @@ def test_python_api(tiny_run: Path, image_folder: Path) -> None:
     result = predict_inputs(tiny_run, [image_folder / "digit3.png", image_folder / "blank.png"], top_k=2)
     assert not result.ok and len(result.errors) == 1 and len(result.predictions) == 1
     p = result.predictions[0]
-    assert p.source.endswith("digit3.png") and len(p.top_k) == 2 and p.top_k[0][0] == p.prediction
+    assert p.source.endswith("digit3.png") and len(p.top_k) == 2 and p.top_k[0][0] == p.digit
 
 
 def test_tta_proba(tiny_run: Path, digits: DigitData) -> None:
@@ -221,7 +221,7 @@ def test_printed_digits_are_recognised(tiny_run: Path, tmp_path: Path) -> None:
             img.save(paths[-1])
             truth.append(d)
     result = predict_inputs(tiny_run, paths)
-    predicted = np.array([p.prediction for p in result.predictions])
+    predicted = np.array([p.digit for p in result.predictions])
     correct = int((predicted == truth).sum())
     # Measured: the session's small model (2 epochs on 3,000 images) gets 27 of 30 (misses: the
     # DejaVu 1, whose foot and flag read as a 2, and one 6); a 99.2% model gets 30 of 30.

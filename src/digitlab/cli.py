@@ -453,7 +453,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("--out", type=Path, default=None,
                          help="file to write (default: stdout; submission.csv for --format kaggle)")
     predict.add_argument("--format", choices=["csv", "json", "kaggle"], default="csv",
-                         help="csv: source,prediction,probability,top_k; json: a list of objects; "
+                         help="csv: source,digit,probability,top_k; json: a list of objects; "
                          "kaggle: ImageId,Label (default: csv)")
     predict.add_argument("--top-k", type=_positive_int, default=3, metavar="K",
                          help="how many most likely digits to list (default: 3)")

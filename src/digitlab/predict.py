@@ -46,7 +46,7 @@ class InputBatch:
 @dataclass
 class Prediction:
     source: str  # file, or file#row for multi-image files (row 1-based)
-    prediction: int
+    digit: int  # the most likely digit (the word the HTTP API uses too)
     probability: float
     top_k: list[tuple[int, float]]  # (digit, probability), most likely first
 
@@ -228,13 +228,13 @@ def predict_inputs(
 
 
 def predictions_csv(predictions: Sequence[Prediction]) -> str:
-    """source,prediction,probability,top_k with top_k as 'digit:probability' pairs, space-separated."""
+    """source,digit,probability,top_k with top_k as 'digit:probability' pairs, space-separated."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["source", "prediction", "probability", "top_k"])
+    writer.writerow(["source", "digit", "probability", "top_k"])
     for p in predictions:
         tops = " ".join(f"{d}:{q:.4f}" for d, q in p.top_k)
-        writer.writerow([p.source, p.prediction, f"{p.probability:.4f}", tops])
+        writer.writerow([p.source, p.digit, f"{p.probability:.4f}", tops])
     return out.getvalue()
 
 
@@ -289,7 +289,7 @@ def render(result: PredictionResult, fmt: str) -> str:
     if fmt == "kaggle":
         if len(result.batches) != 1 or result.batches[0].kind != "kaggle" or result.errors:
             raise DigitlabError("--format kaggle needs exactly one readable Kaggle test.csv input")
-        return submission_csv([p.prediction for p in result.predictions], len(result.batches[0].images))
+        return submission_csv([p.digit for p in result.predictions], len(result.batches[0].images))
     raise DigitlabError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
