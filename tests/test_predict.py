@@ -108,7 +108,7 @@ def test_csv_to_stdout_from_npy(tiny_run: Path, digits: DigitData, expected: np.
     assert rows[0]["source"] == f"{tmp_path / 'flat.npy'}#1" and rows[14]["source"].endswith("scaled.npy#5")
     np.testing.assert_array_equal([int(r["digit"]) for r in rows], expected[:15])
     first = rows[0]["top_k"].split()
-    assert len(first) == 3 and first[0].startswith(f"{rows[0]['prediction']}:")
+    assert len(first) == 3 and first[0].startswith(f"{rows[0]['digit']}:")
     assert float(rows[0]["probability"]) == pytest.approx(float(first[0].split(":")[1]), abs=1e-4)
 
 
