@@ -25,6 +25,7 @@ _API = {
     "list_presets": "digitlab.presets",
     "create_model": "digitlab.models",
     "list_models": "digitlab.models",
+    "summary_text": "digitlab.models",
     "register_model": "digitlab.models",
     "fit": "digitlab.train",
     "RunResult": "digitlab.train",

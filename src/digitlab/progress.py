@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from typing import Any, TextIO
 
 
@@ -120,7 +121,10 @@ class ProgressBar:
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event["event"]
         if kind == "epoch_start":
-            from tqdm.auto import tqdm
+            with warnings.catch_warnings():
+                # without ipywidgets, Jupyter gets tqdm's text bar, which is fine: no warning about it
+                warnings.simplefilter("ignore")
+                from tqdm.auto import tqdm
 
             self.close()
             self._loss = self._acc = 0.0
