@@ -164,6 +164,9 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=None, help="images per optimizer step")
     parser.add_argument("--precision", default=None, choices=PRECISIONS,
                         help="auto picks bf16 where the CPU has native bf16 (AVX512-BF16/AMX) or on GPU")
+    parser.add_argument("--tensorboard", action="store_true", default=None,
+                        help="write TensorBoard event files into the run folder (per-batch loss, epoch metrics, "
+                        "learning rate, validation mistakes); needs `pip install 'digitlab[tensorboard]'`")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -235,7 +238,8 @@ def _run_train(args: argparse.Namespace) -> int:
         config = _base_config(args.preset, args.config).with_overrides(**overrides)
     progress = TrainingProgress(quiet=args.quiet)
     try:
-        result = fit(config, out_dir=args.out, resume=args.resume, callbacks=[progress])  # type: ignore[arg-type]
+        result = fit(config, out_dir=args.out, resume=args.resume, callbacks=[progress],  # type: ignore[arg-type]
+                     progress=False)  # the CLI draws its own bar (TrainingProgress)
     except TrainingInterrupted as stop:
         print(f"\ninterrupted: state saved at epoch {stop.epoch}, step {stop.step}.", file=sys.stderr)
         print(f"resume with: {stop.resume_command}", file=sys.stderr)
@@ -289,7 +293,8 @@ def _run_ensemble(args: argparse.Namespace) -> int:
             training(event)
 
     try:
-        out = train_ensemble(config, args.out, args.members, jobs=args.jobs, first_seed=args.seed, callbacks=[show])
+        out = train_ensemble(config, args.out, args.members, jobs=args.jobs, first_seed=args.seed, callbacks=[show],
+                             progress=False)
     except (KeyboardInterrupt, TrainingInterrupted):
         print(f"\ninterrupted; run the same command again to finish {args.out}", file=sys.stderr)
         return 130

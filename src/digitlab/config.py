@@ -67,6 +67,8 @@ class TrainConfig:
     device: str = "auto"
     eval_batch_size: int = 1024
     eval_every: int = 1  # epochs between validation passes (the last epoch is always evaluated)
+    # write TensorBoard event files into the run folder (needs `pip install digitlab[tensorboard]`)
+    tensorboard: bool = False
 
     def validate(self) -> TrainConfig:
         def bad(msg: str) -> DigitlabError:
@@ -92,6 +94,8 @@ class TrainConfig:
             raise bad(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
         if not 0 <= self.label_smoothing < 1:
             raise bad(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not isinstance(self.tensorboard, bool):
+            raise bad(f"tensorboard must be true or false, got {self.tensorboard!r}")
         return self
 
     def with_overrides(self, **overrides: Any) -> TrainConfig:

@@ -47,13 +47,14 @@ def plan_members(out_dir: Path, members: int, first_seed: int) -> list[MemberPla
     return [MemberPlan(i, first_seed + i, out_dir / f"member-{i}") for i in range(members)]
 
 
-def _train_in_process(config: TrainConfig, plan: MemberPlan, callbacks: Iterable[Callable]) -> None:
+def _train_in_process(config: TrainConfig, plan: MemberPlan, callbacks: Iterable[Callable],
+                      progress: bool = True) -> None:
     from digitlab.train import fit
 
     if plan.started:
-        fit(None, resume=plan.run_dir, callbacks=callbacks)
+        fit(None, resume=plan.run_dir, callbacks=callbacks, progress=progress)
     else:
-        fit(config.with_overrides(seed=plan.seed), plan.run_dir, callbacks=callbacks)
+        fit(config.with_overrides(seed=plan.seed), plan.run_dir, callbacks=callbacks, progress=progress)
 
 
 def _member_command(config_path: Path, plan: MemberPlan) -> list[str]:
@@ -109,10 +110,18 @@ def train_ensemble(
     jobs: int = 1,
     first_seed: int | None = None,
     callbacks: Iterable[Callable[[dict[str, Any]], None]] = (),
+    progress: bool = True,
 ) -> Path:
-    """Train (or finish training) the members, then write ensemble.json; returns the folder."""
+    """Train (or finish training) the members, then write ensemble.json; returns the folder.
+
+    `progress` shows fit's progress bars for members trained in this process (jobs=1).
+    """
     out_dir = Path(out_dir)
     config = config.validate()
+    if config.tensorboard:
+        from digitlab.tensorboard import require_tensorboard
+
+        require_tensorboard()  # once here, not once per member process
     plans = plan_members(out_dir, members, config.seed if first_seed is None else first_seed)
     callbacks = list(callbacks)
 
@@ -126,7 +135,7 @@ def train_ensemble(
     if jobs <= 1:
         for plan in todo:
             emit({"event": "member_start", "member": plan.index, "seed": plan.seed})
-            _train_in_process(config, plan, callbacks)
+            _train_in_process(config, plan, callbacks, progress)
             emit({"event": "member_end", "member": plan.index, "returncode": 0})
     else:
         _train_in_processes(config, todo, jobs, out_dir, emit)

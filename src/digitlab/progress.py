@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from typing import Any, TextIO
 
 
@@ -102,3 +103,54 @@ def start_line(event: dict[str, Any]) -> str:
     return (f"training {cfg.preset} ({cfg.model}) on {plural(event['train_count'], 'image')}, validating on "
             f"{event['val_count']:,}; {where}, batch {cfg.batch_size}, {plural(cfg.epochs, 'epoch')} "
             f"-> {event['run_dir']}")
+
+
+class ProgressBar:
+    """Training events as tqdm bars, one per epoch: a widget in Jupyter, a text bar in a terminal.
+
+    What `fit(..., progress=True)` shows; the bar's loss and accuracy are smoothed like the CLI's,
+    and each finished bar keeps its epoch's summary (validation included).
+    """
+
+    def __init__(self, file: TextIO | None = None) -> None:
+        self.file = file
+        self._bar: Any = None
+        self._loss = self._acc = 0.0
+        self._n = 0
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "epoch_start":
+            with warnings.catch_warnings():
+                # without ipywidgets, Jupyter gets tqdm's text bar, which is fine: no warning about it
+                warnings.simplefilter("ignore")
+                from tqdm.auto import tqdm
+
+            self.close()
+            self._loss = self._acc = 0.0
+            self._n = 0
+            self._bar = tqdm(total=event["steps"], initial=event["step"], desc=f"epoch {event['epoch']}/"
+                             f"{event['epochs']}", unit="batch", file=self.file, dynamic_ncols=True)
+        elif self._bar is None:
+            return
+        elif kind == "batch":
+            self._n += 1
+            w = 0.1 if self._n > 1 else 1.0
+            self._loss += w * (event["loss"] - self._loss)
+            self._acc += w * (event["acc"] - self._acc)
+            # refresh=False: the bar redraws at most every 0.1 s, not on every batch
+            self._bar.set_postfix_str(f"loss {self._loss:.4f} acc {self._acc:.4f}", refresh=False)
+            self._bar.update(event["step"] - self._bar.n)
+        elif kind == "epoch":
+            summary = f"loss {event['train_loss']:.4f} acc {event['train_acc']:.4f}"
+            if "val_acc" in event:
+                summary += f" val_loss {event['val_loss']:.4f} val_acc {event['val_acc']:.4f}"
+            self._bar.set_postfix_str(summary, refresh=False)
+            self.close()
+        elif kind in ("interrupted", "end"):
+            self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

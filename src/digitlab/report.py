@@ -1,4 +1,4 @@
-"""Figures (matplotlib, Agg backend) and the self-contained HTML report of a run.
+"""The self-contained HTML report of a run, drawn with the figures of digitlab.figures.
 
 `write_report(run_dir)` evaluates the run and writes report.html (every figure embedded as a
 base64 PNG, no external resources) with each figure also saved as a PNG beside it.
@@ -8,219 +8,31 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import logging
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display here or on CI; must precede pyplot
-import matplotlib.pyplot as plt
-import numpy as np
-import torch
-from matplotlib.colors import LogNorm
-
-from digitlab.augment import AugmentConfig, augment_batch
+from digitlab import figures as draw
 from digitlab.data.dataset import DigitData
 
+# The figures live in digitlab.figures; these names stay importable from here.
+from digitlab.figures import (  # noqa: F401
+    augment_preview_figure,
+    confusion_figure,
+    figure_png,
+    mistakes_figure,
+    per_class_error_figure,
+    sample_grid_figure,
+    save_augment_preview,
+    save_figure,
+    save_sample_grid,
+    smooth,
+    training_curves_figure,
+)
+
 log = logging.getLogger(__name__)
-
-
-def sample_grid_figure(data: DigitData, n: int = 10, seed: int | None = None, cols: int = 5):
-    """The seed notebook's first figure: N digits in a grid, each titled with its label."""
-    n = min(n, len(data))
-    if seed is None:
-        index = np.arange(n)
-    else:
-        index = np.sort(np.random.default_rng(seed).choice(len(data), size=n, replace=False))
-    cols = min(cols, n)
-    rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, index, strict=False):
-        ax.imshow(data.images[i], cmap="gray", vmin=0, vmax=255)
-        title = f"#{i}" if data.labels is None else f"{data.labels[i]}  (#{i})"
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def save_figure(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def save_sample_grid(data: DigitData, path: str | Path, n: int = 10, seed: int | None = None) -> Path:
-    return save_figure(sample_grid_figure(data, n=n, seed=seed), path)
-
-
-def augment_preview_figure(data: DigitData, config: AugmentConfig, n: int = 8, copies: int = 5, seed: int = 0):
-    """Each row: an original digit, then `copies` augmented versions of it."""
-    n = min(n, len(data))
-    originals = torch.from_numpy(data.images[:n]).float().div(255).unsqueeze(1)  # (n, 1, 28, 28)
-    generator = torch.Generator(device="cpu").manual_seed(seed)  # the preview is drawn on CPU images
-    batch = originals.repeat_interleave(copies, dim=0)
-    augmented = augment_batch(batch, config, generator).view(n, copies, 28, 28)
-    fig, axes = plt.subplots(n, copies + 1, figsize=(1.2 * (copies + 1), 1.25 * n), squeeze=False)
-    for row in range(n):
-        axes[row, 0].imshow(originals[row, 0], cmap="gray", vmin=0, vmax=1)
-        for col in range(copies):
-            axes[row, col + 1].imshow(augmented[row, col], cmap="gray", vmin=0, vmax=1)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    axes[0, 0].set_title("original", fontsize=8)
-    for col in range(copies):
-        axes[0, col + 1].set_title(f"aug {col + 1}", fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def save_augment_preview(data: DigitData, config: AugmentConfig, path: str | Path, n: int = 8,
-                         copies: int = 5, seed: int = 0) -> Path:
-    return save_figure(augment_preview_figure(data, config, n=n, copies=copies, seed=seed), path)
-
-
-# ---------------------------------------------------------------- the run report's figures
-
-
-def smooth(values: np.ndarray, weight: float = 0.9) -> np.ndarray:
-    """Exponential moving average with bias correction (TensorBoard's smoothing): no lag at the start."""
-    out = np.empty(len(values), dtype=np.float64)
-    avg = 0.0
-    for i, v in enumerate(values):
-        avg = weight * avg + (1 - weight) * v
-        out[i] = avg / (1 - weight ** (i + 1))
-    return out
-
-
-def _batch_curve(records: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-    """x in epochs (epoch - 1 + step / steps of that epoch), loss per batch."""
-    batches = [r for r in records if r.get("type") == "batch"]
-    steps: dict[int, int] = {}
-    for r in batches:
-        steps[r["epoch"]] = max(steps.get(r["epoch"], 0), r["step"])
-    x = np.array([r["epoch"] - 1 + r["step"] / steps[r["epoch"]] for r in batches])
-    return x, np.array([r["loss"] for r in batches], dtype=np.float64)
-
-
-def training_curves_figure(histories: dict[str, list[dict[str, Any]]]):
-    """Per-batch loss (raw + smoothed), per-epoch loss and accuracy; one run or up to a few members."""
-    fig, (ax_batch, ax_loss, ax_acc) = plt.subplots(1, 3, figsize=(13, 4))
-    single = len(histories) == 1
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (name, records) in enumerate(histories.items()):
-        colour = colours[i % len(colours)]
-        label = "" if single else f"{name} "
-        x, loss = _batch_curve(records)
-        if len(x):
-            if single:
-                ax_batch.plot(x, loss, color="0.75", lw=0.6, label="per batch")
-            ax_batch.plot(x, smooth(loss), color=colour, lw=1.5, label=f"{label}smoothed (EMA 0.9)")
-        epochs = [r for r in records if r.get("type") == "epoch"]
-        e = [r["epoch"] for r in epochs]
-        for key, style, what in (("train", "--", "train"), ("val", "-", "validation")):
-            for ax, metric in ((ax_loss, f"{key}_loss"), (ax_acc, f"{key}_acc")):
-                points = [(r["epoch"], r[metric]) for r in epochs if metric in r]
-                if points:
-                    ax.plot(*zip(*points, strict=True), style, marker="o", ms=4, color=colour,
-                            label=f"{label}{what}")
-        if not e:
-            log.info("%s: no epoch records", name)
-    ax_batch.set(title="training loss per batch", xlabel="epoch", ylabel="cross-entropy")
-    ax_loss.set(title="loss per epoch", xlabel="epoch", ylabel="cross-entropy")
-    ax_acc.set(title="accuracy per epoch", xlabel="epoch", ylabel="accuracy")
-    ax_batch.set_yscale("log")
-    for ax in (ax_batch, ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        if ax.has_data():
-            ax.legend(fontsize=8)
-    for ax in (ax_loss, ax_acc):
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    fig.tight_layout()
-    return fig
-
-
-def confusion_figure(confusion: np.ndarray):
-    """Heat map of counts (log colour scale so the few mistakes show beside the large diagonal)."""
-    n = len(confusion)
-    fig, ax = plt.subplots(figsize=(7.5, 6.5))
-    shown = np.ma.masked_equal(confusion, 0)
-    im = ax.imshow(shown, cmap="Blues", norm=LogNorm(vmin=1, vmax=max(2, int(confusion.max()))))
-    threshold = np.sqrt(max(2, int(confusion.max())))  # the middle of the log scale
-    for t in range(n):
-        for p in range(n):
-            count = int(confusion[t, p])
-            if count:
-                ax.text(p, t, str(count), ha="center", va="center", fontsize=8,
-                        color="white" if count > threshold else "black",
-                        fontweight="bold" if t != p else "normal")
-    ax.set_xticks(range(n))
-    ax.set_yticks(range(n))
-    ax.set(xlabel="predicted digit", ylabel="true digit", title="confusion matrix (counts)")
-    fig.colorbar(im, ax=ax, shrink=0.8, label="images (log scale)")
-    fig.tight_layout()
-    return fig
-
-
-def per_class_error_figure(result):
-    """Per digit: the share of its images missed (1 - recall) and of its predictions wrong (1 - precision)."""
-    digits = np.arange(len(result.per_class))
-    missed = np.array([100 * (1 - c.recall) for c in result.per_class])
-    false = np.array([100 * (1 - c.precision) for c in result.per_class])
-    wrong = result.confusion.sum(axis=1) - np.diag(result.confusion)
-    fig, ax = plt.subplots(figsize=(9, 4))
-    ax.bar(digits - 0.2, missed, width=0.4, label="missed: true digit predicted as another (1 - recall)")
-    ax.bar(digits + 0.2, false, width=0.4, label="wrong: predicted digit was another (1 - precision)")
-    for d in digits:
-        ax.text(d - 0.2, missed[d], f"{wrong[d]}", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(digits)
-    ax.set(xlabel="digit", ylabel="error rate (%)",
-           title="errors per class (numbers: misclassified images of that digit)")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def mistakes_figure(images: np.ndarray, mistakes: list, n: int = 40, cols: int = 8):
-    """The most confident mistakes: each tile 'true 4 -> predicted 9 (p=0.87)' and its top-3."""
-    shown = mistakes[:n]
-    if not shown:
-        fig, ax = plt.subplots(figsize=(6, 1))
-        ax.axis("off")
-        ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
-        return fig
-    cols = min(cols, len(shown))
-    rows = -(-len(shown) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.5 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, m in zip(axes.flat, shown, strict=False):
-        ax.axis("on")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.imshow(images[m.index], cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"true {m.true} -> predicted {m.predicted}\n(p={m.probability:.2f})", fontsize=9)
-        # an axis label, not free text, so tight_layout keeps it clear of the next row's titles
-        ax.set_xlabel("  ".join(f"{d}:{p:.2f}" for d, p in m.top3) + f"\nimage #{m.index}", fontsize=8,
-                      color="0.25")
-    fig.tight_layout(h_pad=0.6)
-    return fig
-
-
-def figure_png(fig, dpi: int = 100) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------- the HTML report
@@ -315,13 +127,13 @@ def write_report(run_dir: str | Path, data: str | DigitData = "mnist:test", out:
     histories = {k: v for k, v in histories.items() if v}
 
     figures: dict[str, bytes] = {
-        "samples": figure_png(sample_grid_figure(data, n=20, seed=0, cols=10)),
-        "confusion": figure_png(confusion_figure(result.confusion)),
-        "per-class": figure_png(per_class_error_figure(result)),
-        "mistakes": figure_png(mistakes_figure(data.images, result.misclassified, n=max_mistakes)),
+        "samples": draw.figure_png(draw.sample_grid_figure(data, n=20, seed=0, cols=10)),
+        "confusion": draw.figure_png(draw.confusion_figure(result.confusion)),
+        "per-class": draw.figure_png(draw.per_class_error_figure(result)),
+        "mistakes": draw.figure_png(draw.mistakes_figure(data.images, result.misclassified, n=max_mistakes)),
     }
     if histories:
-        figures["training"] = figure_png(training_curves_figure(histories))
+        figures["training"] = draw.figure_png(draw.training_curves_figure(histories))
     out.parent.mkdir(parents=True, exist_ok=True)
     for key, png in figures.items():
         (out.parent / FIGURE_FILES[key]).write_bytes(png)

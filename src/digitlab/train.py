@@ -453,14 +453,21 @@ def fit(
     resume: str | Path | None = None,
     callbacks: Iterable[Callback] = (),
     data: tuple[DigitData, DigitData | None] | None = None,
+    progress: bool = True,
 ) -> RunResult:
     """Train `config` into a run folder (or continue the run in `resume`); returns the result.
 
-    `data` may pass preloaded (train, val) sets (tests, benchmarks); otherwise the config's
-    sources are loaded. Ctrl-C saves the state and raises TrainingInterrupted. Under
-    torchrun, every rank calls fit and only rank 0 writes files or emits events.
+    `data` may pass preloaded (train, val) sets (notebooks, tests, benchmarks); otherwise the
+    config's sources are loaded. `progress` shows a bar per epoch (tqdm: a widget in Jupyter, text
+    in a terminal); `callbacks` receive every training event. Ctrl-C saves the state and raises
+    TrainingInterrupted. Under torchrun, every rank calls fit and only rank 0 writes files or emits events.
     """
-    run = _open_run(config, out_dir, resume, list(callbacks), data)
+    callbacks = list(callbacks)
+    if progress:
+        from digitlab.progress import ProgressBar
+
+        callbacks.append(ProgressBar())
+    run = _open_run(config, out_dir, resume, callbacks, data)
     if resume is not None:
         _restore(run)
     elif run.ctx.is_main:
@@ -504,6 +511,10 @@ def _open_run(config: TrainConfig | None, out_dir: str | Path | None, resume: st
         raise DigitlabError(
             f"{config.data}: {len(train_data)} training images{share} is fewer than one batch of {config.batch_size}"
         )
+    if config.tensorboard and ctx.is_main:
+        from digitlab.tensorboard import TensorBoardLogger  # an optional extra: one clear error without it
+
+        callbacks = [*callbacks, TensorBoardLogger(run_dir, val_data)]
     listeners = callbacks if ctx.is_main else []
 
     def emit(event: dict[str, Any]) -> None:
