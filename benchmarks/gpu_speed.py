@@ -45,7 +45,7 @@ def main() -> None:
             epochs=int(epochs) if epochs else None, seed=args.seed, val_split=0.0, device=args.device)
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            result = fit(config, os.path.join(tmp, "run"), data=data)
+            result = fit(config, os.path.join(tmp, "run"), data=data, progress=False)
             wall = time.perf_counter() - t0
         last = result.history[-1]
         print(f"| {preset} | {config.epochs} | {last['images_per_s']:,.0f} | {result.train_seconds:.1f} | "

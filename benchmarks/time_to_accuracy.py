@@ -30,7 +30,7 @@ def run_once(preset: str, epochs: int, seed: int, data: tuple[DigitData, DigitDa
     """(cumulative training seconds, test accuracy) after each epoch."""
     config = get_preset(preset).with_overrides(epochs=epochs, seed=seed, val_split=0.0, device=device)
     with tempfile.TemporaryDirectory() as tmp:
-        result = fit(config, os.path.join(tmp, "run"), data=data)
+        result = fit(config, os.path.join(tmp, "run"), data=data, progress=False)
     curve, clock = [], 0.0
     for record in result.history:
         clock += record["train_seconds"]

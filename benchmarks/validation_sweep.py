@@ -56,7 +56,7 @@ def main() -> None:
         for seed in args.seeds:
             config = variant_config(spec, len(train), seed)
             with tempfile.TemporaryDirectory() as tmp:
-                result = fit(config, os.path.join(tmp, "run"), data=(train, val))
+                result = fit(config, os.path.join(tmp, "run"), data=(train, val), progress=False)
             accs.append(result.final["val_acc"])
             secs.append(result.train_seconds)
         print(f"| `{json.dumps(spec)}` | {' '.join(f'{100 * a:.2f}%' for a in accs)} | "
