@@ -170,7 +170,7 @@ def test_uploads_decode_at_most_max_decoding_at_once(predictor, monkeypatch: pyt
 
     monkeypatch.setattr(digitlab.preprocess, "mnist_style", slow)
     app = create_app(predictor, limits=Limits(max_decoding=2))
-    data = _encode(_digit(280, "RGB"), "PNG")
+    data = _encode(_digit(600, "RGB"), "PNG")  # over 512x512: decoded in one of the slots
 
     async def burst() -> list[int]:
         transport = httpx.ASGITransport(app=app)
