@@ -298,14 +298,26 @@ def test_guard_deadlines_and_per_client_cap(app) -> None:
         assert _closed_within(idle, 3) and _closed_within(slow_head, 3)
         assert time.monotonic() - start < 2
         assert _closed_within(slow_body, 3)  # 1 s body deadline
-        # Past 4 connections from one address the oldest idle one makes room for a newcomer.
-        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
-        time.sleep(0.1)
-        response = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
-        assert response.status_code == 200
-        assert _closed_within(held[0], 0.3)
-        assert guard.evicted >= 1
-        for sock in (idle, slow_head, slow_body, *held):
+        for sock in (idle, slow_head, slow_body):
+            sock.close()
+
+
+def test_guard_cap_evicts_silent_connections_before_answered_ones(app) -> None:
+    from digitlab.serve.guard import ConnectionGuard
+
+    guard = ConnectionGuard(head_timeout=30, per_client=4)
+    for port in _serve_in_thread(app, guard):
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+            assert client.get("/healthz").status_code == 200  # answered, then kept alive
+            held = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]  # 1 + 4 > 4
+            assert _closed_within(held[0], 2)  # the oldest silent one made room
+            assert not _closed_within(held[1], 0.2)
+            assert client.get("/healthz").status_code == 200  # on the same kept-alive connection
+            assert guard.evicted == 1
+            newcomer = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)  # evicts held[1]
+            assert newcomer.status_code == 200
+            assert _closed_within(held[1], 2)
+        for sock in held:
             sock.close()
 
 

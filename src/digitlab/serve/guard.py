@@ -5,8 +5,9 @@ never sent a byte, and it has no deadline for a fresh connection's request head:
 sockets locked every real client out. Here a request head must arrive within `head_timeout`
 and a body within `body_timeout`; one client address holds at most `per_client` connections
 and the server `max_connections`; past either cap the oldest connection that is not inside a
-request (idle, or still sending its head) is closed to make room. Only requests in flight
-count towards the 503 limit (`InFlightLimit`).
+request (idle, or still sending its head) is closed to make room, one that was never answered
+before one kept alive after a response. Only requests in flight count towards the 503 limit
+(`InFlightLimit`).
 """
 
 from __future__ import annotations
@@ -57,7 +58,10 @@ class ConnectionGuard:
                 del self._by_client[conn.client_host]
 
     def _evict_oldest_idle(self, conns: dict[Any, None]) -> bool:
-        victim = next((c for c in conns if not c.in_request), None)
+        # Connections that never completed a request go first: a client that has been answered
+        # and keeps its connection alive between requests is likely real, the silent ones not.
+        victim = next((c for c in conns if not c.in_request and not c.served), None)
+        victim = victim or next((c for c in conns if not c.in_request), None)
         if victim is None:
             return False
         self.evicted += 1
@@ -99,6 +103,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.limit_concurrency = None  # InFlightLimit counts requests; uvicorn counted sockets too
         self.in_request = False  # head complete, response not finished: never evicted
+        self.served = False  # a response was completed on this connection: evicted last
         self.client_host = ""
         self._deadline: asyncio.TimerHandle | None = None
 
@@ -126,7 +131,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
-        self.in_request = False
+        self.in_request, self.served = False, True
         self._disarm()  # uvicorn's keep-alive timer now runs; new data cancels it and re-arms ours
         super().on_response_complete()
 
