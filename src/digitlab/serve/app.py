@@ -60,7 +60,7 @@ class Limits:
     max_json_bytes: int = 8 * 1024 * 1024  # 256 images x 784 numbers written with decimals fit
     max_side: int = 4096  # pixels per image side, checked from the header before decoding
     # pixels decoded per image (2048x2048): an 87 KB 4096x4096 RGBA PNG decoded costs ~300 MB.
-    # JPEGs are reduced 2-8x while decoding to fit; other formats past it get a 413.
+    # JPEGs are reduced to 1/2-1/8 per side while decoding to fit; other formats past it get a 413.
     max_pixels: int = 2048 * 2048
     max_decoding: int = 2  # images over 512x512 decoded at once; more wait their turn (memory)
     max_batch: int = 256  # images per JSON request
@@ -292,7 +292,7 @@ def trim_heap() -> None:
     """Hand freed heap memory back to the OS (glibc's malloc_trim).
 
     A large image's buffers, freed, stay in glibc's per-thread arenas: 16 concurrent
-    2048x2048 uploads left the server ~130 MB larger for good. A trim costs ~1 ms.
+    2048x2048 uploads left the server ~130 MB larger for good. A trim took ~1.4 ms (contended).
     """
     trim = _malloc_trim()
     if trim is not None:
@@ -479,9 +479,9 @@ def create_app(model: str | Path | ProbabilityModel, *, backend: str = "onnx", l
         Small images (the drawing page's 280x280 PNGs) skip the queue: decoded in parallel they
         reach the inference thread together and share a pass. Waiting here rather than on a
         worker thread keeps large decodes on few threads, hence few malloc arenas: with a
-        thread-side lock 16 uploads at 2048x2048 left ~250 MB resident, here ~35 MB.
+        thread-side lock 16 uploads at 2048x2048 left +246 MB resident, this way +21 to +69 MB.
         """
-        large = _header_pixels(data) > SMALL_IMAGE_PIXELS  # header only: ~50 us on the loop
+        large = _header_pixels(data) > SMALL_IMAGE_PIXELS  # header only: 13-200 us on the loop
         async with large_decodes if large else contextlib.nullcontext():
             return await off_loop(preprocess_upload, data, large)
 
