@@ -84,7 +84,7 @@ def test_model_info(client: TestClient, tiny_run: Path) -> None:
     assert info["metrics"]["val_acc"] == pytest.approx(meta["metrics"]["val_acc"])
     assert info["input"]["polarity"] == "light-on-dark"
     assert info["limits"] == {"max_upload_bytes": 2 * 1024 * 1024, "max_json_bytes": 8 * 1024 * 1024,
-                              "max_side": 4096, "max_batch": 256}
+                              "max_side": 4096, "max_pixels": 2048 * 2048, "max_decoding": 2, "max_batch": 256}
 
 
 def test_predict_pixels_matches_the_predictor(client: TestClient, predictor, mnist_test: DigitData) -> None:

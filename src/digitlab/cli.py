@@ -357,11 +357,22 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     _add_run_dir(serve)
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it)")
-    serve.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    serve.add_argument("--port", type=_tcp_port, default=8000, help="TCP port, 1..65535 (default: 8000)")
     serve.add_argument("--backend", choices=["torch", "onnx"], default="onnx",
                        help="inference engine: onnx (ONNX Runtime, the model exported in memory at "
                        "start-up; less latency and CPU per request) or torch (default: onnx)")
     serve.set_defaults(handler=_run_serve)
+
+
+def _tcp_port(text: str) -> int:
+    """argparse type: a TCP port; 99999 would otherwise bind 99999 mod 65536 and log 99999."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 1..65535, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 1..65535")
+    return port
 
 
 def _run_serve(args: argparse.Namespace) -> int:

@@ -46,16 +46,21 @@ class _EnsembleLogits(nn.Module):
         return torch.log(probs.clamp_min(1e-30))
 
 
-def model_fingerprint(meta: dict[str, Any]) -> str:
-    """Short id of the weights: a single run's weights sha256, or a hash over an ensemble's members."""
+def weights_digest(meta: dict[str, Any]) -> str:
+    """sha256 of the weights: a single run's `weights_sha256`, or a hash over an ensemble's members."""
     if "weights_sha256" in meta:
-        return str(meta["weights_sha256"])[:16]
+        return str(meta["weights_sha256"])
     members = [m.get("weights_sha256", "") for m in meta.get("member_meta", [])]
     if not members:
         return ""
     import hashlib
 
-    return hashlib.sha256("".join(members).encode()).hexdigest()[:16]
+    return hashlib.sha256("".join(members).encode()).hexdigest()
+
+
+def model_fingerprint(meta: dict[str, Any]) -> str:
+    """Short id of the weights: the first 16 hex digits of `weights_digest`."""
+    return weights_digest(meta)[:16]
 
 
 def onnx_metadata(meta: dict[str, Any]) -> dict[str, str]:
@@ -77,6 +82,8 @@ def onnx_metadata(meta: dict[str, Any]) -> dict[str, str]:
         "preset": str(meta.get("preset", "")),
         "model": str(meta.get("model", "ensemble" if "member_meta" in meta else "")),
         "fingerprint": model_fingerprint(meta),
+        # checked against model.json when a run folder is loaded: another run's file is never served
+        "weights_sha256": weights_digest(meta),
         "train_fingerprint": str(meta.get("data", {}).get("train_fingerprint", "")),
         "parameters": str(meta.get("parameters", "")),
         "digitlab_version": str(meta.get("versions", {}).get("digitlab", "")),
@@ -270,7 +277,7 @@ def load_onnx_predictor(path: str | Path, batch_size: int = 2048, threads: int |
     meta = load_predictor(path, precision="fp32").meta if is_ensemble(path) else _read_meta(path)
     meta = {**meta, "fingerprint": model_fingerprint(meta)}
     onnx_path = path / ONNX_FILE
-    if _is_fresh(onnx_path, path):
+    if _is_fresh(onnx_path, path) and _exported_from(onnx_path, meta):
         log.info("using %s", onnx_path)
         return OnnxPredictor(onnx_session(str(onnx_path), threads), meta, batch_size)
     log.info("exporting %s to ONNX in memory", path)
@@ -294,6 +301,23 @@ def open_predictor(path: str | Path, backend: str = "torch", precision: str = "a
     if batch_size is not None:
         predictor.batch_size = batch_size
     return predictor
+
+
+def _exported_from(onnx_path: Path, meta: dict[str, Any]) -> bool:
+    """Whether the file's recorded weights sha256 is the run's; a warning says why it is not used."""
+    try:
+        recorded = read_onnx_metadata(onnx_path).get("weights_sha256", "")
+    except Exception as exc:  # onnx raises DecodeError and friends for a damaged file
+        log.warning("%s is not a readable ONNX model (%s); exporting the weights again", onnx_path,
+                    exc.__class__.__name__)
+        return False
+    expected = weights_digest(meta)
+    if recorded and recorded == expected:
+        return True
+    why = (f"was exported from other weights (sha256 {recorded[:16]}, the run's are {expected[:16]})" if recorded
+           else "records no weights sha256 (exported by an older digitlab)")
+    log.warning("%s %s; exporting the run's weights again in memory", onnx_path, why)
+    return False
 
 
 def _read_meta(run_dir: Path) -> dict[str, Any]:
