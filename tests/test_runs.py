@@ -197,3 +197,23 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 def test_table_of_no_rows():
     assert runs_table([]) == "no runs"
+
+
+def test_wrong_types_in_the_json_files_never_crash(tmp_path):
+    ens = tmp_path / "odd-ens"
+    for i, started in enumerate((7, "2026-01-01T00:00:00")):
+        member = ens / f"member-{i}"
+        member.mkdir(parents=True)
+        (member / "config.json").write_text(json.dumps({
+            "config": {"preset": 5, "epochs": "3", "data": ["x"]},
+            "data": {"train_fingerprint": [i], "train_source": {"a": 1}}, "started": started}))
+        (member / "model.json").write_text(json.dumps({"metrics": "x", "preset": None, "train_seconds": "1"}))
+    rows = _by_name(list_runs(tmp_path))
+    assert rows["odd-ens"].state == "interrupted"  # no ensemble.json yet: the command did not end
+    assert rows["odd-ens"].started == "2026-01-01T00:00:00"
+    member = rows["odd-ens/member-0"]
+    assert (member.state, member.preset, member.fingerprint, member.epochs_planned, member.train_seconds) == (
+        "finished", None, None, None, None)
+    for column in COLUMNS:
+        list_runs(tmp_path, sort=column)
+    assert "odd-ens/member-1" in runs_table(list_runs(tmp_path))

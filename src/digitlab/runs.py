@@ -79,6 +79,10 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -107,12 +111,11 @@ def read_run(path: Path, name: str, kind: str = "run") -> RunRow:
 def _fill_config(row: RunRow, record: dict[str, Any]) -> None:
     """What config.json (or model.json, which repeats it) says about the recipe and the data."""
     config, data = _dict(record.get("config")), _dict(record.get("data"))
-    row.preset = config.get("preset") if isinstance(config.get("preset"), str) else None
-    row.model = config.get("model") if isinstance(config.get("model"), str) else None
-    row.data = data.get("train_source") or config.get("data")
-    row.fingerprint = data.get("train_fingerprint")
+    row.preset, row.model = _str(config.get("preset")), _str(config.get("model"))
+    row.data = _str(data.get("train_source")) or _str(config.get("data"))
+    row.fingerprint = _str(data.get("train_fingerprint"))
     row.epochs_planned = _int(config.get("epochs"))
-    row.started = record.get("started")
+    row.started = _str(record.get("started"))
 
 
 def _fill_run(row: RunRow, path: Path) -> None:
@@ -124,8 +127,8 @@ def _fill_run(row: RunRow, path: Path) -> None:
     if meta is not None:
         metrics = _dict(meta.get("metrics"))
         row.state = "finished"
-        row.preset = meta.get("preset", row.preset)
-        row.model = meta.get("model", row.model)
+        row.preset = _str(meta.get("preset")) or row.preset
+        row.model = _str(meta.get("model")) or row.model
         row.epochs_done = _int(metrics.get("epoch"))
         row.val_acc = _number(metrics.get("val_acc"))
         row.train_seconds = _number(meta.get("train_seconds"))
@@ -169,10 +172,10 @@ def read_ensemble(path: Path, name: str) -> list[RunRow]:
             listed = manifest.get("members") if isinstance(manifest.get("members"), list) else []
             if not listed or not all(isinstance(m, str) for m in listed):
                 raise DigitlabError(f"{ENSEMBLE_FILE}: lists no members")
-            row.preset = manifest.get("preset")
+            row.preset = _str(manifest.get("preset"))
             config = _dict(manifest.get("config"))
             row.epochs_planned = _int(config.get("epochs"))
-            row.data = config.get("data")
+            row.data = _str(config.get("data"))
             member_dirs = [path / m for m in listed]
     except DigitlabError as exc:
         row.problem = str(exc)
@@ -213,6 +216,19 @@ def _is_ensemble(path: Path) -> bool:
     )
 
 
+def _rows_of(path: Path) -> list[RunRow]:
+    try:
+        if _is_ensemble(path):
+            return read_ensemble(path, path.name)
+        if is_run_folder(path):
+            return [read_run(path, path.name)]
+    except OSError as exc:  # an unreadable folder (permissions...) is a row too
+        return [RunRow(name=path.name, kind="other", state="broken", path=str(path),
+                       problem=f"unreadable ({exc.strerror or exc})")]
+    return [RunRow(name=path.name, kind="other", state="not a run", path=str(path),
+                   problem=f"no {CONFIG_FILE}, {MODEL_META}, {STATE_FILE} or {ENSEMBLE_FILE}")]
+
+
 def list_runs(directory: str | Path = "runs", sort: str = "name", reverse: bool = False) -> list[RunRow]:
     """Rows for every sub-folder of `directory` (or for `directory` itself if it is a run or an
     ensemble), sorted by the column `sort`; rows without a value in it come last."""
@@ -228,13 +244,7 @@ def list_runs(directory: str | Path = "runs", sort: str = "name", reverse: bool 
     else:
         rows = []
         for path in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if _is_ensemble(path):
-                rows.extend(read_ensemble(path, path.name))
-            elif is_run_folder(path):
-                rows.append(read_run(path, path.name))
-            else:
-                rows.append(RunRow(name=path.name, kind="other", state="not a run", path=str(path),
-                                   problem=f"no {CONFIG_FILE}, {MODEL_META}, {STATE_FILE} or {ENSEMBLE_FILE}"))
+            rows.extend(_rows_of(path))
     present = [r for r in rows if getattr(r, sort) is not None]
     absent = [r for r in rows if getattr(r, sort) is None]
     present.sort(key=lambda r: (_sort_key(getattr(r, sort)), r.name), reverse=reverse)
