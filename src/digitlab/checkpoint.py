@@ -212,3 +212,18 @@ def restore_state(
 
 def extra_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
+
+
+def read_state_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a resumable checkpoint (position, history, data, config) without
+    reading its tensors or verifying them: for listings, not for resuming."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            header = json.loads((fh.metadata() or {})["digitlab"])
+    except (SafetensorError, KeyError, json.JSONDecodeError, ValueError, OSError) as exc:
+        raise DigitlabError(f"{path}: corrupt checkpoint ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(header, dict):
+        raise DigitlabError(f"{path}: corrupt checkpoint (header is not a JSON object)")
+    return header

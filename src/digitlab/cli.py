@@ -509,6 +509,35 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- runs
+
+
+def _add_runs(sub: argparse._SubParsersAction) -> None:
+    from digitlab.runs import COLUMNS
+
+    runs = sub.add_parser(
+        "runs", help="table of the run and ensemble folders under DIR",
+        description="One row per run, ensemble and ensemble member: preset, training data and its fingerprint, "
+        "epochs done/planned, validation accuracy, training time, and state (finished, or interrupted with the "
+        "command that resumes it). Damaged and foreign folders are listed as such.",
+    )
+    runs.add_argument("dir", type=Path, nargs="?", default=Path("runs"), metavar="DIR",
+                      help="folder holding run folders, or one run/ensemble folder (default: runs)")
+    runs.add_argument("--json", action="store_true", help="print JSON (every field) instead of a table")
+    runs.add_argument("--sort", choices=COLUMNS, default="name", metavar="COLUMN",
+                      help=f"sort by this column: {', '.join(COLUMNS)} (default: name)")
+    runs.add_argument("--reverse", action="store_true", help="sort in descending order")
+    runs.set_defaults(handler=_run_runs)
+
+
+def _run_runs(args: argparse.Namespace) -> int:
+    from digitlab.runs import list_runs, runs_table
+
+    rows = list_runs(args.dir, sort=args.sort, reverse=args.reverse)
+    print(json.dumps([row.to_dict() for row in rows], indent=2) if args.json else runs_table(rows))
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
@@ -522,6 +551,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_evaluate,
     _add_report,
     _add_predict,
+    _add_runs,
 ]
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from digitlab.checkpoint import atomic_write_json
 from digitlab.config import TrainConfig
 from digitlab.errors import DigitlabError
-from digitlab.rundir import ENSEMBLE_FILE, MODEL_META, STATE_FILE
+from digitlab.rundir import ENSEMBLE_FILE, MEMBER_PREFIX, MODEL_META, STATE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class MemberPlan:
 def plan_members(out_dir: Path, members: int, first_seed: int) -> list[MemberPlan]:
     if members < 1:
         raise DigitlabError(f"an ensemble needs at least 1 member, got {members}")
-    return [MemberPlan(i, first_seed + i, out_dir / f"member-{i}") for i in range(members)]
+    return [MemberPlan(i, first_seed + i, out_dir / f"{MEMBER_PREFIX}{i}") for i in range(members)]
 
 
 def _train_in_process(config: TrainConfig, plan: MemberPlan, callbacks: Iterable[Callable],

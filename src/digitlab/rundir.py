@@ -16,6 +16,7 @@ MODEL_META = "model.json"  # what rebuilds the model from MODEL_FILE, with its s
 STATE_FILE = "checkpoint.safetensors"  # the resumable training state, rewritten atomically every epoch
 ONNX_FILE = "model.onnx"  # `digitlab export`
 ENSEMBLE_FILE = "ensemble.json"  # an ensemble folder's manifest: its member run folders
+MEMBER_PREFIX = "member-"  # an ensemble's member folders: member-0, member-1, ...
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

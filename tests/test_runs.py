@@ -1,0 +1,216 @@
+"""`digitlab runs`: the session's tiny run, a run really interrupted by Ctrl-C, hand-made
+ensembles and broken or foreign folders, listed side by side."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from digitlab import ensemble, train
+from digitlab.cli import main
+from digitlab.errors import DigitlabError
+from digitlab.rundir import CONFIG_FILE, ENSEMBLE_FILE, MEMBER_PREFIX, MODEL_META, STATE_FILE
+from digitlab.runs import COLUMNS, list_runs, runs_table
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory, small_mnist) -> Path:
+    """A 3-epoch run stopped by a real SIGINT in epoch 2, after its 3rd step."""
+    from digitlab.presets import get_preset
+
+    train_data, val_data = small_mnist
+    data = (train_data.subset(np.arange(640), "mnist:train[:640]"), val_data.subset(np.arange(200), "val[:200]"))
+    out = tmp_path_factory.mktemp("interrupted") / "stopped"
+    config = get_preset("quick").with_overrides(epochs=3, batch_size=64)
+
+    def ctrl_c(event: dict) -> None:
+        if event["event"] == "batch" and event["epoch"] == 2 and event["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(train.TrainingInterrupted):
+        train.fit(config, out, callbacks=[ctrl_c], data=data)
+    return out
+
+
+@pytest.fixture
+def runs_dir(tmp_path, tiny_run, interrupted_run) -> Path:
+    root = tmp_path / "runs"
+    root.mkdir()
+    shutil.copytree(tiny_run, root / "tiny")
+    shutil.copytree(interrupted_run, root / "stopped")
+    # killed between the last checkpoint and the model files: every epoch done, no model yet
+    shutil.copytree(tiny_run, root / "killed", ignore=shutil.ignore_patterns("model.*"))
+    (root / "empty-start").mkdir()  # stopped before its first checkpoint
+    shutil.copyfile(tiny_run / CONFIG_FILE, root / "empty-start" / CONFIG_FILE)
+    shutil.copytree(tiny_run, root / "bad-meta")
+    (root / "bad-meta" / MODEL_META).write_text("{not json")
+    (root / "bad-ckpt").mkdir()
+    shutil.copyfile(tiny_run / CONFIG_FILE, root / "bad-ckpt" / CONFIG_FILE)
+    (root / "bad-ckpt" / STATE_FILE).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
+    (root / "photos").mkdir()
+    (root / "photos" / "cat.jpg").write_bytes(b"not a run")
+    (root / ".hidden").mkdir()
+    (root / "notes.txt").write_text("files beside the runs are not rows")
+    ens = root / "ens"
+    for i in range(2):
+        shutil.copytree(tiny_run, ens / f"member-{i}")
+    (ens / ENSEMBLE_FILE).write_text(json.dumps(
+        {"kind": "ensemble", "preset": "quick", "members": ["member-0", "member-1"], "config": {"epochs": 2}}))
+    half = root / "half-ens"  # stopped before ensemble.json: one member done, one interrupted
+    shutil.copytree(tiny_run, half / "member-0")
+    shutil.copytree(interrupted_run, half / "member-1")
+    return root
+
+
+def _by_name(rows) -> dict:
+    return {row.name: row for row in rows}
+
+
+def test_member_folders_are_named_as_the_table_expects():
+    assert ensemble.plan_members(Path("e"), 1, 0)[0].run_dir.name.startswith(MEMBER_PREFIX)
+
+
+def test_finished_run_reads_its_own_files(runs_dir, tiny_run):
+    meta = json.loads((tiny_run / MODEL_META).read_text())
+    config = json.loads((tiny_run / CONFIG_FILE).read_text())
+    row = _by_name(list_runs(runs_dir))["tiny"]
+    assert (row.kind, row.state, row.resume, row.problem) == ("run", "finished", None, None)
+    assert (row.preset, row.model) == ("quick", meta["model"])
+    assert row.data == config["data"]["train_source"]
+    assert row.fingerprint == meta["data"]["train_fingerprint"]
+    assert (row.epochs_done, row.epochs_planned) == (2, 2)
+    assert row.val_acc == meta["metrics"]["val_acc"] and 0.5 < row.val_acc <= 1
+    assert row.train_seconds == meta["train_seconds"] > 0
+    assert row.started == config["started"]
+    assert row.test_acc is None  # `digitlab evaluate` stores nothing in the folder
+
+
+def test_interrupted_run_says_how_to_resume(runs_dir, interrupted_run):
+    rows = _by_name(list_runs(runs_dir))
+    stopped = rows["stopped"]
+    history = [r for r in train.read_metrics(interrupted_run) if r["type"] == "epoch"]
+    assert len(history) == 1
+    assert (stopped.state, stopped.epochs_done, stopped.epochs_planned) == ("interrupted", 1, 3)
+    assert stopped.resume == f"digitlab train --resume {runs_dir / 'stopped'}"
+    assert stopped.problem == "stopped in epoch 2 after step 3"
+    assert stopped.val_acc == history[0]["val_acc"]
+    assert stopped.train_seconds > history[0]["train_seconds"]  # plus the 3 steps of epoch 2
+    killed = rows["killed"]
+    assert (killed.state, killed.epochs_done, killed.epochs_planned) == ("interrupted", 2, 2)
+    assert killed.resume == f"digitlab train --resume {runs_dir / 'killed'}"
+
+
+def test_broken_and_foreign_folders_are_rows_not_crashes(runs_dir):
+    rows = _by_name(list_runs(runs_dir))
+    assert set(rows) == {"tiny", "stopped", "killed", "empty-start", "bad-meta", "bad-ckpt", "photos",
+                         "ens", "ens/member-0", "ens/member-1", "half-ens", "half-ens/member-0",
+                         "half-ens/member-1"}
+    assert rows["empty-start"].state == "not started"
+    assert "nothing to resume" in rows["empty-start"].problem
+    assert rows["empty-start"].preset == "quick"
+    assert (rows["bad-meta"].state, rows["bad-meta"].problem[:29]) == ("broken", "model.json: corrupt JSON (Exp")
+    assert rows["bad-ckpt"].state == "broken"
+    assert rows["bad-ckpt"].problem.startswith(f"{runs_dir / 'bad-ckpt' / STATE_FILE}: corrupt checkpoint")
+    assert (rows["photos"].kind, rows["photos"].state) == ("other", "not a run")
+
+
+def test_ensembles_and_their_members(runs_dir, tiny_run):
+    rows = _by_name(list_runs(runs_dir))
+    meta = json.loads((tiny_run / MODEL_META).read_text())
+    ens = rows["ens"]
+    assert (ens.kind, ens.state, ens.members, ens.preset) == ("ensemble", "finished", 2, "quick")
+    assert (ens.epochs_done, ens.epochs_planned) == (2, 2)
+    assert ens.train_seconds == pytest.approx(2 * meta["train_seconds"])
+    assert ens.val_acc is None  # each member holds out its own split
+    assert rows["ens/member-1"].kind == "member" and rows["ens/member-1"].state == "finished"
+    half = rows["half-ens"]
+    assert (half.kind, half.state, half.members) == ("ensemble", "interrupted", 2)
+    assert half.problem == "1 of 2 member(s) finished"
+    assert half.resume == f"the same `digitlab ensemble ... --out {runs_dir / 'half-ens'}` command"
+    assert rows["half-ens/member-1"].state == "interrupted"
+    # an ensemble or a run folder given directly lists just itself
+    assert [r.name for r in list_runs(runs_dir / "ens")] == ["ens", "ens/member-0", "ens/member-1"]
+    assert [r.name for r in list_runs(runs_dir / "stopped")] == ["stopped"]
+
+
+def test_ensemble_listing_a_missing_member_is_broken(runs_dir):
+    manifest = runs_dir / "ens" / ENSEMBLE_FILE
+    manifest.write_text(json.dumps({"preset": "quick", "members": ["member-0", "member-7"]}))
+    rows = _by_name(list_runs(runs_dir))
+    assert rows["ens"].state == "broken" and rows["ens"].problem == "a member folder is broken"
+    assert rows["ens/member-7"].state == "broken"
+    manifest.write_text("[]")
+    assert _by_name(list_runs(runs_dir))["ens"].problem == "ensemble.json: expected a JSON object"
+
+
+def test_sort_by_any_column_with_empty_values_last(runs_dir):
+    for column in COLUMNS:
+        rows = list_runs(runs_dir, sort=column)
+        values = [getattr(r, column) for r in rows]
+        present = [v for v in values if v is not None]
+        assert values == present + [None] * (len(values) - len(present)), column
+    accs = [r.val_acc for r in list_runs(runs_dir, sort="val_acc", reverse=True) if r.val_acc is not None]
+    assert accs == sorted(accs, reverse=True) and len(accs) >= 5
+    names = [r.name for r in list_runs(runs_dir)]
+    assert names == sorted(names)
+    with pytest.raises(DigitlabError, match="unknown column 'speed' to sort by; choose one of name, kind"):
+        list_runs(runs_dir, sort="speed")
+
+
+def test_cli_table_and_json(runs_dir, capsys):
+    assert main(["runs", str(runs_dir), "--sort", "state"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["name", "preset", "data", "fingerprint", "epochs", "val", "acc", "test", "acc",
+                                "train", "time", "state"]
+    assert len(table) == 1 + 13
+    stopped = next(line for line in table if line.startswith("stopped "))
+    assert "1/3" in stopped and stopped.endswith(f"interrupted: digitlab train --resume {runs_dir / 'stopped'}")
+    tiny = next(line for line in table if line.startswith("tiny "))
+    assert "2/2" in tiny and tiny.endswith("finished") and "%" in tiny
+
+    assert main(["runs", str(runs_dir), "--json", "--sort", "train_seconds"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in records] == [r.name for r in list_runs(runs_dir, sort="train_seconds")]
+    assert set(records[0]) == set(COLUMNS)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["runs", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err == (
+        f"digitlab: error: {tmp_path / 'nope'}: no such folder (runs are written to runs/ by default)\n"
+    )
+    with pytest.raises(SystemExit) as caught:
+        main(["runs", str(tmp_path), "--sort", "speed"])
+    assert caught.value.code == 2
+    assert main(["runs", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == "no runs\n"
+
+
+def test_table_of_no_rows():
+    assert runs_table([]) == "no runs"
+
+
+def test_wrong_types_in_the_json_files_never_crash(tmp_path):
+    ens = tmp_path / "odd-ens"
+    for i, started in enumerate((7, "2026-01-01T00:00:00")):
+        member = ens / f"member-{i}"
+        member.mkdir(parents=True)
+        (member / "config.json").write_text(json.dumps({
+            "config": {"preset": 5, "epochs": "3", "data": ["x"]},
+            "data": {"train_fingerprint": [i], "train_source": {"a": 1}}, "started": started}))
+        (member / "model.json").write_text(json.dumps({"metrics": "x", "preset": None, "train_seconds": "1"}))
+    rows = _by_name(list_runs(tmp_path))
+    assert rows["odd-ens"].state == "interrupted"  # no ensemble.json yet: the command did not end
+    assert rows["odd-ens"].started == "2026-01-01T00:00:00"
+    member = rows["odd-ens/member-0"]
+    assert (member.state, member.preset, member.fingerprint, member.epochs_planned, member.train_seconds) == (
+        "finished", None, None, None, None)
+    for column in COLUMNS:
+        list_runs(tmp_path, sort=column)
+    assert "odd-ens/member-1" in runs_table(list_runs(tmp_path))
