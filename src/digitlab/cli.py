@@ -37,7 +37,8 @@ def _positive_int(text: str) -> int:
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="inspect, plot, convert and download data sources")
-    data_sub = data.add_subparsers(dest="data_cmd", required=True, metavar="{info,show,export,download}")
+    data_sub = data.add_subparsers(dest="data_cmd", required=True,
+                                   metavar="{info,show,export,download,overlap}")
 
     info = data_sub.add_parser("info", help="counts, class histogram, pixel mean/std, fingerprint")
     info.add_argument("source", nargs="?", default="mnist", help=SOURCE_HELP + " (default: mnist)")
@@ -83,6 +84,13 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                           help="base URL (http, https, file) or local folder holding the four "
                           ".gz files, tried before the others (repeatable)")
     download.set_defaults(handler=_run_data_download)
+
+    overlap = data_sub.add_parser(
+        "overlap", help="count images two sources share (identical pixels) and their label disagreements")
+    overlap.add_argument("a", metavar="A", help=SOURCE_HELP)
+    overlap.add_argument("b", metavar="B", help="a second source, same forms")
+    overlap.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    overlap.set_defaults(handler=_run_data_overlap)
 
 
 def _run_data_info(args: argparse.Namespace) -> int:
@@ -130,6 +138,23 @@ def _run_data_export(args: argparse.Namespace) -> int:
         written = write_idx_dir(args.out, data, split=args.split)
     for path in written:
         print(f"wrote {path}")
+    return 0
+
+
+def _run_data_overlap(args: argparse.Namespace) -> int:
+    from digitlab.data import load_source
+    from digitlab.overlap import source_overlap
+
+    info = source_overlap(load_source(args.a), load_source(args.b))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['a_in_b']:,} of {info['a_count']:,} images of {info['a']} are also in {info['b']}")
+    print(f"{info['b_in_a']:,} of {info['b_count']:,} images of {info['b']} are also in {info['a']}")
+    if info["label_disagreements"] is None:
+        print("labels not compared (a source has no labels, or nothing is shared)")
+    else:
+        print(f"{info['label_disagreements']:,} shared images of {info['a']} carry a different label in {info['b']}")
     return 0
 
 
@@ -394,7 +419,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "Mistakes are listed most confident first.",
     )
     evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (or ensemble folder)")
-    evaluate.add_argument("--data", default="mnist:test", help=SOURCE_HELP + " (default: mnist:test)")
+    evaluate.add_argument("--data", default=None, help=SOURCE_HELP + " (default: mnist:test for a run trained "
+                          "on MNIST, else the run's own held-out validation split)")
+    evaluate.add_argument("--include-seen", action="store_true",
+                          help="keep images the run trained on in the metrics (default: left out; inflates them)")
     evaluate.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
                           help="inference precision (int8: static quantization calibrated on training images)")
     evaluate.add_argument("--json", action="store_true", help="print JSON (all mistakes) instead of a table")
@@ -408,7 +436,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from digitlab.evaluate import evaluate_run
 
-    result = evaluate_run(args.run_dir, args.data, tta=args.tta, precision=args.precision)
+    result = evaluate_run(args.run_dir, args.data, tta=args.tta, precision=args.precision,
+                          include_seen=args.include_seen)
+    for note in result.extra["notes"]:
+        print(f"digitlab: {note}", file=sys.stderr)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_text(max_mistakes=args.mistakes))
     return 0
 
@@ -420,7 +451,10 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         "PNG beside it.",
     )
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (or ensemble folder)")
-    report.add_argument("--data", default="mnist:test", help=SOURCE_HELP + " (default: mnist:test)")
+    report.add_argument("--data", default=None, help=SOURCE_HELP + " (default: mnist:test for a run trained "
+                        "on MNIST, else the run's own held-out validation split)")
+    report.add_argument("--include-seen", action="store_true",
+                        help="keep images the run trained on in the figures (default: left out)")
     report.add_argument("--out", type=Path, default=None, help="HTML file (default: RUN_DIR/report/report.html)")
     report.add_argument("--tta", action="store_true", help="evaluate with test-time augmentation")
     report.set_defaults(handler=_run_report)
@@ -429,7 +463,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 def _run_report(args: argparse.Namespace) -> int:
     from digitlab.report import write_report
 
-    out = write_report(args.run_dir, data=args.data, out=args.out, tta=args.tta)
+    out = write_report(args.run_dir, data=args.data, out=args.out, tta=args.tta, include_seen=args.include_seen)
     print(f"wrote {out}")
     return 0
 

@@ -18,7 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from digitlab.checkpoint import MODEL_META, STATE_FILE, atomic_write_json
+import numpy as np
+
+from digitlab.checkpoint import (
+    MODEL_META,
+    STATE_FILE,
+    TRAIN_HASHES_FILE,
+    atomic_write_json,
+    read_train_hashes,
+    write_train_hashes,
+)
 from digitlab.config import TrainConfig
 from digitlab.errors import DigitlabError
 from digitlab.inference import ENSEMBLE_FILE
@@ -102,6 +111,15 @@ def _train_in_processes(config: TrainConfig, plans: list[MemberPlan], jobs: int,
         raise DigitlabError("; ".join(failures))
 
 
+def _write_union_hashes(out_dir: Path, plans: list[MemberPlan]) -> None:
+    """The ensemble saw every image any member trained on; members from before hashes were kept: none."""
+    parts = [read_train_hashes(p.run_dir) for p in plans]
+    if all(p is not None for p in parts):
+        write_train_hashes(out_dir, np.concatenate(parts))  # type: ignore[arg-type]
+    else:
+        (out_dir / TRAIN_HASHES_FILE).unlink(missing_ok=True)
+
+
 def train_ensemble(
     config: TrainConfig,
     out_dir: str | Path,
@@ -130,6 +148,7 @@ def train_ensemble(
             emit({"event": "member_end", "member": plan.index, "returncode": 0})
     else:
         _train_in_processes(config, todo, jobs, out_dir, emit)
+    _write_union_hashes(out_dir, plans)
     atomic_write_json(out_dir / ENSEMBLE_FILE, {
         "kind": "ensemble",
         "preset": config.preset,

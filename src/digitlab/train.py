@@ -541,6 +541,7 @@ def fit(
             "versions": ckpt.versions(),
             "started": datetime.now().isoformat(timespec="seconds"),
         })
+        ckpt.write_train_hashes(run_dir, train_data.image_hashes())  # so evaluation can leave them out
 
     emit({"event": "start", "run_dir": str(run_dir), "config": config, "device": str(device),
           "precision": precision, "train_count": len(train_data), "val_count": data_info["val_count"],

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from digitlab.data.dataset import IMAGE_SIDE, NUM_CLASSES, DigitData, fingerprint
+from digitlab.data.dataset import IMAGE_SIDE, NUM_CLASSES, DigitData, fingerprint, image_hashes
 from digitlab.data.idx import load_idx_dir, read_idx, write_idx, write_idx_dir
 from digitlab.data.images import load_image_folder
 from digitlab.data.kaggle import load_kaggle_csv, write_kaggle_csv
@@ -30,6 +30,7 @@ __all__ = [
     "SOURCE_FORMS",
     "DigitData",
     "fingerprint",
+    "image_hashes",
     "load_idx_dir",
     "load_image_folder",
     "load_kaggle_csv",
