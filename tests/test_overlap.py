@@ -178,27 +178,30 @@ def test_kaggle_run_defaults_to_its_held_out_split(kaggle_run: tuple[Path, Path]
 def test_kaggle_run_on_mnist_test_leaves_its_training_images_out(kaggle_run: tuple[Path, Path],
                                                                 capsys: pytest.CaptureFixture) -> None:
     run, _ = kaggle_run
-    # mnist:test[:1000] made the CSV, 800 of them trained the run: the case in small
+    # mnist:test[:1000] made the CSV, its training part trained the run: the case in small
+    n = json.loads((run / "model.json").read_text())["data"]["train_count"]
+    assert 790 < n < 810
     assert main(["evaluate", str(run), "--data", "mnist:test", "--json"]) == 0
     captured = capsys.readouterr()
     out = json.loads(captured.out)
-    assert out["seen_in_training"] == 800 and out["total"] == 9_200
-    assert "800 of 10,000 images were in the training data and are left out" in captured.err
+    assert out["seen_in_training"] == n and out["total"] == 10_000 - n
+    assert f"{n} of 10,000 images were in the training data and are left out" in captured.err
     assert main(["evaluate", str(run), "--data", "mnist:test", "--include-seen"]) == 0
     captured = capsys.readouterr()
-    assert "accuracy" in captured.out and "seen in training: 800 counted" in captured.out
-    assert "WARNING: 800 of 10,000" in captured.err
+    assert "accuracy" in captured.out and f"seen in training: {n} counted" in captured.out
+    assert f"WARNING: {n} of 10,000" in captured.err
 
 
 def test_report_states_the_set_and_the_overlap(kaggle_run: tuple[Path, Path], tmp_path: Path) -> None:
     from digitlab.report import write_report
 
     run, _ = kaggle_run
+    n = json.loads((run / "model.json").read_text())["data"]["train_count"]
     html = write_report(run, out=tmp_path / "r.html").read_text()
     assert "held-out validation split" in html and "images seen in training" in html
     html = write_report(run, data="mnist:test", out=tmp_path / "m.html").read_text()
-    assert "800 of 10,000 images were in the training data and are left out" in html
-    assert "800 left out" in html
+    assert f"{n} of 10,000 images were in the training data and are left out" in html
+    assert f"{n} left out" in html
 
 
 def test_check_seen_without_record_keeps_everything(mnist_test: DigitData) -> None:
