@@ -13,7 +13,7 @@ from digitlab.checkpoint import TRAIN_HASHES_FILE, read_train_hashes, write_trai
 from digitlab.cli import main
 from digitlab.data import DigitData, image_hashes, load_source, split, write_kaggle_csv
 from digitlab.errors import DigitlabError
-from digitlab.evaluate import evaluate_run
+from digitlab.evaluate import evaluate_run, wilson_interval
 from digitlab.overlap import check_seen, run_train_hashes, source_overlap, trained_on_mnist
 
 
@@ -208,3 +208,32 @@ def test_check_seen_without_record_keeps_everything(mnist_test: DigitData) -> No
     data = mnist_test.subset(np.arange(10))
     check = check_seen(data, None)
     assert check.seen is None and len(check.keep) == 10 and "could not be checked" in (check.message or "")
+
+
+def test_expected_leaderboard_interval_on_the_held_out_split(kaggle_run: tuple[Path, Path]) -> None:
+    run, _ = kaggle_run
+    result = evaluate_run(run)
+    expected = result.to_dict()["expected_leaderboard"]
+    low, high = wilson_interval(result.correct, result.total)
+    assert expected["low95"] == low < result.accuracy < high == expected["high95"]
+    assert "expected on unseen data like it" in result.to_text()
+    assert "expected_leaderboard" not in evaluate_run(run, "mnist:test").to_dict()  # not its own fold
+
+
+def test_wilson_interval_known_values() -> None:
+    # Wilson 95% for 95/100: 0.8883..0.9785 (textbook value); for 100/100 the top is exactly 1
+    low, high = wilson_interval(95, 100)
+    assert abs(low - 0.8883) < 5e-4 and abs(high - 0.9785) < 5e-4
+    assert wilson_interval(100, 100)[1] == 1.0 and wilson_interval(100, 100)[0] < 1.0
+    with pytest.raises(DigitlabError):
+        wilson_interval(0, 0)
+
+
+def test_predict_json_flags_training_images(tiny_run: Path, mnist_train: DigitData, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    csv = write_kaggle_csv(tmp_path / "labelled.csv", mnist_train.subset(np.arange(2990, 3010)))
+    assert main(["predict", str(tiny_run), f"kaggle:{csv}", "--format", "json"]) == 0
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)
+    assert [r["seen_in_training"] for r in rows] == [True] * 10 + [False] * 10
+    assert "10 of 20 images were in the training data" in captured.err

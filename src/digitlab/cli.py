@@ -276,6 +276,13 @@ def _add_ensemble(sub: argparse._SubParsersAction) -> None:
         "Running the same command again skips finished members and resumes interrupted ones.",
     )
     ens.add_argument("--preset", default="best", help=f"recipe of every member: {', '.join(list_presets())}")
+    ens.add_argument("--presets", default=None, metavar="A,B,...",
+                     help="comma-separated recipes instead of --preset: member i trains recipe i mod their number "
+                     "(--presets best,wide --members 4: best, wide, best, wide), so members differ in "
+                     "architecture and augmentation, not only seed")
+    ens.add_argument("--weights", choices=["equal", "logloss"], default="equal",
+                     help="average of the members' probabilities: equal, or weighted by 1 / each member's "
+                     "validation log-loss, stored in ensemble.json (default: equal)")
     ens.add_argument("--members", type=_positive_int, default=5, help="how many members (default: 5)")
     ens.add_argument("--jobs", type=_positive_int, default=1,
                      help="members trained at once in separate processes, splitting the CPU cores (default: 1)")
@@ -292,25 +299,30 @@ def _run_ensemble(args: argparse.Namespace) -> int:
     from digitlab.progress import TrainingProgress
     from digitlab.train import TrainingInterrupted
 
-    config = get_preset(args.preset).with_overrides(
+    names = [n.strip() for n in args.presets.split(",") if n.strip()] if args.presets else [args.preset]
+    if not names:
+        raise DigitlabError(f"--presets {args.presets!r} names no preset; write e.g. --presets best,wide")
+    recipes = [get_preset(name).with_overrides(
         data=args.data, val_split=args.val_split, epochs=args.epochs, epoch_fraction=args.epoch_fraction,
-        batch_size=args.batch_size, precision=args.precision)
+        batch_size=args.batch_size, precision=args.precision) for name in names]
     training = TrainingProgress(quiet=args.quiet)
 
     def show(event: dict) -> None:
         kind = event["event"]
         if kind == "member_start":
-            print(f"member {event['member']} (seed {event['seed']}) started", file=sys.stderr)
+            recipe = names[event["member"] % len(names)]
+            print(f"member {event['member']} ({recipe}, seed {event['seed']}) started", file=sys.stderr)
         elif kind == "member_end":
             print(f"member {event['member']} finished", file=sys.stderr)
         elif kind == "ensemble_start":
-            print(f"ensemble of {event['members']} x {args.preset} in {event['out']}: {event['todo']} to train, "
+            print(f"ensemble of {event['members']} x {','.join(names)} in {event['out']}: {event['todo']} to train, "
                   f"{event['jobs']} at a time", file=sys.stderr)
         elif not kind.startswith("ensemble"):
             training(event)
 
     try:
-        out = train_ensemble(config, args.out, args.members, jobs=args.jobs, first_seed=args.seed, callbacks=[show])
+        out = train_ensemble(recipes, args.out, args.members, jobs=args.jobs, first_seed=args.seed, callbacks=[show],
+                             weights=args.weights)
     except (KeyboardInterrupt, TrainingInterrupted):
         print(f"\ninterrupted; run the same command again to finish {args.out}", file=sys.stderr)
         return 130

@@ -75,6 +75,7 @@ class EvalResult:
             "correct": self.correct,
             "errors": self.errors,
             "accuracy": self.accuracy,
+            "accuracy_95ci": list(wilson_interval(self.correct, self.total)),
             "mean_confidence": self.mean_confidence,
             "log_loss": self.log_loss,
             "macro_f1": self.macro_f1,
@@ -104,6 +105,11 @@ class EvalResult:
             seen_text = "  seen in training: " + ("not checked" if seen is None else f"{seen:,} {how}")
         lines.append(f"accuracy         {100 * self.accuracy:.2f}%  ({self.errors:,} errors of {self.total:,})"
                      + ("  [test-time augmentation]" if self.tta else "") + seen_text)
+        low, high = wilson_interval(self.correct, self.total)
+        lines.append(f"95% interval     {100 * low:.2f}% .. {100 * high:.2f}%  (Wilson, {self.total:,} images)")
+        if self.extra.get("expected_leaderboard"):
+            lines.append(f"expected on unseen data like it (e.g. a Kaggle leaderboard): {100 * self.accuracy:.2f}% "
+                         f"[{100 * low:.2f}%, {100 * high:.2f}%], from this held-out split")
         lines.append(f"mean confidence  {self.mean_confidence:.4f}")
         lines.append(f"log loss         {self.log_loss:.4f}")
         lines.append(f"macro F1         {self.macro_f1:.4f}")
@@ -122,6 +128,16 @@ class EvalResult:
                 tops = "  ".join(f"{d}:{p:.3f}" for d, p in m.top3)
                 lines.append(f"{m.index:>7}  {m.true:>4}  {m.predicted:>4}  {m.probability:>6.3f}  {tops}")
         return "\n".join(lines)
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% (z=1.96) Wilson score interval of a proportion; stays inside [0, 1] even at 100%."""
+    if total <= 0:
+        raise DigitlabError("an interval needs at least one image")
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * np.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
 def _check(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -196,10 +212,12 @@ def evaluate_run(
 
     folder = Path(path) if isinstance(path, str | Path) else (Path(run_dir) if run_dir is not None else None)
     choice = "named by the caller"
+    held_out = False
     if data is None:
         if folder is None:
             raise DigitlabError("no data to evaluate on: name a source, or give the run folder for its default")
         data, choice = default_evaluation(folder)
+        held_out = "held-out validation split" in choice
     data = load_source(data) if isinstance(data, str) else data
     if not data.has_labels:
         raise DigitlabError(f"{data.source}: has no labels; evaluation needs a labelled source "
@@ -219,6 +237,10 @@ def evaluate_run(
     notes = [seen.message] if seen.message else []
     result.extra = {"members": getattr(predictor, "members", 1), "precision": getattr(predictor, "precision", ""),
                     "source_count": len(data), "data_choice": choice, **seen.to_dict(), "notes": notes}
+    if held_out:  # the run's own held-out fold: the honest forecast for unseen data of the same kind
+        low, high = wilson_interval(result.correct, result.total)
+        result.extra["expected_leaderboard"] = {"accuracy": result.accuracy, "low95": low, "high95": high,
+                                                "images": result.total, "method": "Wilson score interval"}
     for note in notes:  # the CLI prints them; a library caller finds them in extra["notes"]
         log.info("%s", note)
     log.info("%s on %s: accuracy %.4f in %.2fs", result.run, data.source, result.accuracy, seconds)
