@@ -36,7 +36,7 @@ def _positive_int(text: str) -> int:
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="inspect, plot, convert and download data sources")
+    data = sub.add_parser("data", help="inspect, plot, convert, compare and download data sources")
     data_sub = data.add_subparsers(dest="data_cmd", required=True,
                                    metavar="{info,show,export,download,overlap}")
 

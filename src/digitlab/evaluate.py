@@ -208,7 +208,7 @@ def evaluate_run(
     `run_dir` for a loaded Predictor). `data=None` picks the run's default evaluation set (see
     `digitlab.overlap.default_evaluation`): mnist:test for MNIST-trained runs, else its held-out split.
     """
-    from digitlab.overlap import check_seen, default_evaluation, run_train_hashes
+    from digitlab.overlap import HELD_OUT, check_seen, default_evaluation, run_train_hashes
 
     folder = Path(path) if isinstance(path, str | Path) else (Path(run_dir) if run_dir is not None else None)
     choice = "named by the caller"
@@ -217,7 +217,7 @@ def evaluate_run(
         if folder is None:
             raise DigitlabError("no data to evaluate on: name a source, or give the run folder for its default")
         data, choice = default_evaluation(folder)
-        held_out = "held-out validation split" in choice
+        held_out = HELD_OUT in choice
     data = load_source(data) if isinstance(data, str) else data
     if not data.has_labels:
         raise DigitlabError(f"{data.source}: has no labels; evaluation needs a labelled source "

@@ -22,6 +22,7 @@ from digitlab.inference import ENSEMBLE_FILE
 log = logging.getLogger(__name__)
 
 MNIST_TEST = "mnist:test"
+HELD_OUT = "held-out validation split"  # how `default_evaluation` names a run's own held-out data
 
 
 def _ensemble_members(path: Path) -> list[Path] | None:
@@ -129,7 +130,7 @@ def default_evaluation(run_dir: str | Path) -> tuple[DigitData, str]:
             raise DigitlabError(f"{source}: has no labels; cannot rebuild the run's validation split")
         _, val_idx = split(data.labels, fraction, seed)
         val = data.subset(val_idx, f"{source}[val]")
-        return val, (f"default: the run's held-out validation split of {source} "
+        return val, (f"default: the run's {HELD_OUT} of {source} "
                      f"(val_split {fraction:g}, seed {seed}), rebuilt from its config")
     return load_source(MNIST_TEST), (f"default: the run kept no validation data from {source}, so {MNIST_TEST}; "
                                      "images it trained on are left out")
