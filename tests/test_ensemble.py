@@ -72,9 +72,10 @@ def test_presets_cycle_and_logloss_weights_reach_every_consumer(tmp_path: Path, 
     assert not np.allclose(manifest["weights"], 1 / 3)
 
     images = mnist_test.images[:300]
-    singles = np.stack([load_predictor(out / m).predict_proba(images) for m in manifest["members"]])
+    singles = np.stack([load_predictor(out / m, precision="fp32").predict_proba(images)
+                        for m in manifest["members"]])
     weighted = np.tensordot(np.array(manifest["weights"]), singles, axes=1)
-    ensemble = load_predictor(out)
+    ensemble = load_predictor(out, precision="fp32")  # fp32 like the exported module below
     np.testing.assert_allclose(ensemble.predict_proba(images), weighted, rtol=1e-5, atol=1e-6)
     import torch
 

@@ -63,8 +63,9 @@ class SeenCheck:
     def message(self) -> str | None:
         """One line for the user, or None when there was nothing to say."""
         if self.seen is None:
-            return ("WARNING: overlap with the training data could not be checked (the run predates "
-                    "digitlab's record of training-image hashes); the figures may include training images")
+            return ("WARNING: overlap with the training data could not be checked (no record of the run's "
+                    "training images: runs trained before digitlab kept one have none); the figures may "
+                    "include training images")
         if self.seen == 0:
             return None
         if self.included:
