@@ -53,3 +53,58 @@ def test_parallel_jobs_and_rerun_skips_finished_members(tmp_path: Path, csv_1000
         assert (tmp_path / "ens" / f"member-{i}" / "model.json").is_file()
     assert main(argv) == 0
     assert "0 to train" in capsys.readouterr().err
+
+
+def test_presets_cycle_and_logloss_weights_reach_every_consumer(tmp_path: Path, csv_1000: Path,
+                                                                mnist_test: DigitData, capsys) -> None:
+    from digitlab.evaluate import evaluate_run
+    from digitlab.export import _load_torch
+
+    out = tmp_path / "mixed"
+    argv = ["ensemble", "--presets", "fast,quick", "--members", "3", "--data", f"kaggle:{csv_1000}", "--epochs", "1",
+            "--batch-size", "64", "--val-split", "0.2", "--seed", "11", "--weights", "logloss", "--out", str(out)]
+    assert main(argv) == 0
+    assert "member 1 (quick, seed 12) started" in capsys.readouterr().err
+    manifest = json.loads((out / "ensemble.json").read_text())
+    assert manifest["presets"] == ["fast", "quick", "fast"] and manifest["seeds"] == [11, 12, 13]
+    metas = [json.loads((out / m / "model.json").read_text()) for m in manifest["members"]]
+    assert [m["model"] for m in metas] == ["fast", "seed2017", "fast"]  # architectures differ, not only seeds
+    inverse = np.array([1 / m["metrics"]["val_loss"] for m in metas])
+    np.testing.assert_allclose(manifest["weights"], inverse / inverse.sum(), rtol=1e-12)
+    assert not np.allclose(manifest["weights"], 1 / 3)
+
+    images = mnist_test.images[:300]
+    singles = np.stack([load_predictor(out / m, precision="fp32").predict_proba(images)
+                        for m in manifest["members"]])
+    weighted = np.tensordot(np.array(manifest["weights"]), singles, axes=1)
+    ensemble = load_predictor(out, precision="fp32")  # fp32 like the exported module below
+    np.testing.assert_allclose(ensemble.predict_proba(images), weighted, rtol=1e-5, atol=1e-6)
+    import torch
+
+    module, _ = _load_torch(out)  # what export and serve (ONNX backend) run
+    with torch.no_grad():
+        exported = torch.softmax(module(torch.from_numpy(images).float().div(255).unsqueeze(1)), dim=1).numpy()
+    np.testing.assert_allclose(exported, weighted, rtol=1e-4, atol=1e-5)
+
+    # the default evaluation set: member 0's held-out split, less what any member trained on
+    result = evaluate_run(out)
+    assert result.source == f"kaggle:{csv_1000}[val]" and result.extra["seen_in_training"] > 0
+    assert result.total + result.extra["seen_in_training"] == metas[0]["data"]["val_count"]
+
+
+def test_logloss_weights_need_validation_loss(tmp_path: Path) -> None:
+    from digitlab.ensemble import logloss_weights
+    from digitlab.errors import DigitlabError
+
+    for name, loss in (("a", 0.1), ("b", 0.3), ("c", None)):
+        (tmp_path / name).mkdir()
+        metrics = {} if loss is None else {"val_loss": loss}
+        (tmp_path / name / "model.json").write_text(json.dumps({"metrics": metrics}))
+    assert logloss_weights([tmp_path / "a", tmp_path / "b"]) == pytest.approx([0.75, 0.25])
+    with pytest.raises(DigitlabError, match="no validation log-loss"):
+        logloss_weights([tmp_path / "a", tmp_path / "c"])
+
+
+def test_unknown_preset_in_list_is_one_line(tmp_path: Path, capsys) -> None:
+    assert main(["ensemble", "--presets", "fast,nope", "--members", "2", "--out", str(tmp_path / "x")]) == 2
+    assert "nope" in capsys.readouterr().err

@@ -11,6 +11,7 @@ Nothing here unpickles anything.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import platform
@@ -18,12 +19,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from digitlab.errors import DigitlabError
-from digitlab.rundir import MODEL_FILE, MODEL_META
+from digitlab.rundir import MODEL_FILE, MODEL_META, TRAIN_HASHES_FILE
 
 FORMAT_VERSION = 1
 _UMASK = os.umask(0)
@@ -123,6 +125,31 @@ def load_model(run_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         raise DigitlabError(f"{weights}: weights do not fit model {meta['model']!r} ({exc})") from None
     model.eval()
     return model, meta
+
+
+# ---------------------------------------------------------------- what the model trained on
+
+
+def write_train_hashes(run_dir: Path, hashes: np.ndarray) -> Path:
+    """Store the set of training-image hashes (sorted, unique uint64; 8 bytes an image)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.unique(np.asarray(hashes, dtype=np.uint64)), allow_pickle=False)
+    atomic_write_bytes(Path(run_dir) / TRAIN_HASHES_FILE, buffer.getvalue())
+    return Path(run_dir) / TRAIN_HASHES_FILE
+
+
+def read_train_hashes(run_dir: Path) -> np.ndarray | None:
+    """The run's training-image hashes, or None for a run written before they were recorded."""
+    path = Path(run_dir) / TRAIN_HASHES_FILE
+    if not path.is_file():
+        return None
+    try:
+        hashes = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DigitlabError(f"{path}: unreadable ({exc}); expected a uint64 .npy array") from None
+    if hashes.dtype != np.uint64 or hashes.ndim != 1:
+        raise DigitlabError(f"{path}: expected a 1-D uint64 array, got {hashes.dtype} {hashes.shape}")
+    return hashes
 
 
 # ---------------------------------------------------------------- the resumable state

@@ -42,8 +42,9 @@ def _add_run_dir(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="inspect, plot, convert and download data sources")
-    data_sub = data.add_subparsers(dest="data_cmd", required=True, metavar="{info,show,export,download}")
+    data = sub.add_parser("data", help="inspect, plot, convert, compare and download data sources")
+    data_sub = data.add_subparsers(dest="data_cmd", required=True,
+                                   metavar="{info,show,export,download,overlap}")
 
     info = data_sub.add_parser("info", help="counts, class histogram, pixel mean/std, fingerprint")
     info.add_argument("source", nargs="?", default="mnist", help=SOURCE_HELP + " (default: mnist)")
@@ -89,6 +90,13 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                           help="base URL (http, https, file) or local folder holding the four "
                           ".gz files, tried before the others (repeatable)")
     download.set_defaults(handler=_run_data_download)
+
+    overlap = data_sub.add_parser(
+        "overlap", help="count images two sources share (identical pixels) and their label disagreements")
+    overlap.add_argument("a", metavar="A", help=SOURCE_HELP)
+    overlap.add_argument("b", metavar="B", help="a second source, same forms")
+    overlap.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    overlap.set_defaults(handler=_run_data_overlap)
 
 
 def _run_data_info(args: argparse.Namespace) -> int:
@@ -136,6 +144,23 @@ def _run_data_export(args: argparse.Namespace) -> int:
         written = write_idx_dir(args.out, data, split=args.split)
     for path in written:
         print(f"wrote {path}")
+    return 0
+
+
+def _run_data_overlap(args: argparse.Namespace) -> int:
+    from digitlab.data import load_source
+    from digitlab.overlap import source_overlap
+
+    info = source_overlap(load_source(args.a), load_source(args.b))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['a_in_b']:,} of {info['a_count']:,} images of {info['a']} are also in {info['b']}")
+    print(f"{info['b_in_a']:,} of {info['b_count']:,} images of {info['b']} are also in {info['a']}")
+    if info["label_disagreements"] is None:
+        print("labels not compared (a source has no labels, or nothing is shared)")
+    else:
+        print(f"{info['label_disagreements']:,} shared images of {info['a']} carry a different label in {info['b']}")
     return 0
 
 
@@ -261,6 +286,13 @@ def _add_ensemble(sub: argparse._SubParsersAction) -> None:
         "Running the same command again skips finished members and resumes interrupted ones.",
     )
     ens.add_argument("--preset", default="best", help=f"recipe of every member: {', '.join(list_presets())}")
+    ens.add_argument("--presets", default=None, metavar="A,B,...",
+                     help="comma-separated recipes instead of --preset: member i trains recipe i mod their number "
+                     "(--presets best,wide --members 4: best, wide, best, wide), so members differ in "
+                     "architecture and augmentation, not only seed")
+    ens.add_argument("--weights", choices=["equal", "logloss"], default="equal",
+                     help="average of the members' probabilities: equal, or weighted by 1 / each member's "
+                     "validation log-loss, stored in ensemble.json (default: equal)")
     ens.add_argument("--members", type=_positive_int, default=5, help="how many members (default: 5)")
     ens.add_argument("--jobs", type=_positive_int, default=1,
                      help="members trained at once in separate processes, splitting the CPU cores (default: 1)")
@@ -277,24 +309,29 @@ def _run_ensemble(args: argparse.Namespace) -> int:
     from digitlab.progress import TrainingProgress
     from digitlab.train import TrainingInterrupted
 
-    config = get_preset(args.preset).with_overrides(**_recipe_overrides(args))
+    names = [n.strip() for n in args.presets.split(",") if n.strip()] if args.presets else [args.preset]
+    if not names:
+        raise DigitlabError(f"--presets {args.presets!r} names no preset; write e.g. --presets best,wide")
+    overrides = _recipe_overrides(args)
+    recipes = [get_preset(name).with_overrides(**overrides) for name in names]
     training = TrainingProgress(quiet=args.quiet)
 
     def show(event: dict) -> None:
         kind = event["event"]
         if kind == "member_start":
-            print(f"member {event['member']} (seed {event['seed']}) started", file=sys.stderr)
+            recipe = names[event["member"] % len(names)]
+            print(f"member {event['member']} ({recipe}, seed {event['seed']}) started", file=sys.stderr)
         elif kind == "member_end":
             print(f"member {event['member']} finished", file=sys.stderr)
         elif kind == "ensemble_start":
-            print(f"ensemble of {event['members']} x {args.preset} in {event['out']}: {event['todo']} to train, "
+            print(f"ensemble of {event['members']} x {','.join(names)} in {event['out']}: {event['todo']} to train, "
                   f"{event['jobs']} at a time", file=sys.stderr)
         elif not kind.startswith("ensemble"):
             training(event)
 
     try:
-        out = train_ensemble(config, args.out, args.members, jobs=args.jobs, first_seed=args.seed, callbacks=[show],
-                             progress=False)
+        out = train_ensemble(recipes, args.out, args.members, jobs=args.jobs, first_seed=args.seed, callbacks=[show],
+                             weights=args.weights, progress=False)
     except (KeyboardInterrupt, TrainingInterrupted):
         print(f"\ninterrupted; run the same command again to finish {args.out}", file=sys.stderr)
         return 130
@@ -414,7 +451,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "Mistakes are listed most confident first.",
     )
     _add_run_dir(evaluate)
-    evaluate.add_argument("--data", default="mnist:test", help=SOURCE_HELP + " (default: mnist:test)")
+    evaluate.add_argument("--data", default=None, help=SOURCE_HELP + " (default: mnist:test for a run trained "
+                          "on MNIST, else the run's own held-out validation split)")
+    evaluate.add_argument("--include-seen", action="store_true",
+                          help="keep images the run trained on in the metrics (default: left out; inflates them)")
     evaluate.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
                           help="inference precision (int8: static quantization calibrated on training images)")
     evaluate.add_argument("--json", action="store_true", help="print JSON (all mistakes) instead of a table")
@@ -428,7 +468,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from digitlab.evaluate import evaluate_run
 
-    result = evaluate_run(args.run_dir, args.data, tta=args.tta, precision=args.precision)
+    result = evaluate_run(args.run_dir, args.data, tta=args.tta, precision=args.precision,
+                          include_seen=args.include_seen)
+    for note in result.extra["notes"]:
+        print(f"digitlab: {note}", file=sys.stderr)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_text(max_mistakes=args.mistakes))
     return 0
 
@@ -440,7 +483,10 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         "PNG beside it.",
     )
     _add_run_dir(report)
-    report.add_argument("--data", default="mnist:test", help=SOURCE_HELP + " (default: mnist:test)")
+    report.add_argument("--data", default=None, help=SOURCE_HELP + " (default: mnist:test for a run trained "
+                        "on MNIST, else the run's own held-out validation split)")
+    report.add_argument("--include-seen", action="store_true",
+                        help="keep images the run trained on in the figures (default: left out)")
     report.add_argument("--out", type=Path, default=None, help="HTML file (default: RUN_DIR/report/report.html)")
     report.add_argument("--tta", action="store_true", help="evaluate with test-time augmentation")
     report.set_defaults(handler=_run_report)
@@ -449,7 +495,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 def _run_report(args: argparse.Namespace) -> int:
     from digitlab.report import write_report
 
-    out = write_report(args.run_dir, data=args.data, out=args.out, tta=args.tta)
+    out = write_report(args.run_dir, data=args.data, out=args.out, tta=args.tta, include_seen=args.include_seen)
     print(f"wrote {out}")
     return 0
 

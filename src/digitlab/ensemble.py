@@ -1,9 +1,11 @@
-"""Ensembles: N members of one preset trained with different seeds into one folder.
+"""Ensembles: N members trained with different seeds (and recipes) into one folder.
 
-`ensemble.json` lists the members; `digitlab.inference.load_predictor` averages their
-probabilities. Members train one after another in this process, or in `jobs` parallel
-processes that split the CPU cores. A rerun skips finished members and resumes
-interrupted ones, so nothing is lost.
+Member i uses recipe i mod len(recipes), so `best,wide` over 4 members gives best, wide,
+best, wide. `ensemble.json` lists the members and, optionally, weights; every consumer
+(evaluate, predict, report, serve, export) loads it through `digitlab.inference.load_predictor`,
+which averages the members' probabilities with those weights. Members train one after
+another in this process, or in `jobs` parallel processes that split the CPU cores. A rerun
+skips finished members and resumes interrupted ones, so nothing is lost.
 """
 
 from __future__ import annotations
@@ -13,12 +15,20 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from digitlab.checkpoint import atomic_write_json
+import numpy as np
+
+from digitlab.checkpoint import (
+    TRAIN_HASHES_FILE,
+    atomic_write_json,
+    read_model_meta,
+    read_train_hashes,
+    write_train_hashes,
+)
 from digitlab.config import TrainConfig
 from digitlab.errors import DigitlabError
 from digitlab.rundir import ENSEMBLE_FILE, MEMBER_PREFIX, MODEL_META, STATE_FILE
@@ -31,6 +41,7 @@ class MemberPlan:
     index: int
     seed: int
     run_dir: Path
+    recipe: int = 0  # index into the ensemble's list of recipes
 
     @property
     def done(self) -> bool:
@@ -41,10 +52,27 @@ class MemberPlan:
         return (self.run_dir / STATE_FILE).is_file()
 
 
-def plan_members(out_dir: Path, members: int, first_seed: int) -> list[MemberPlan]:
+def plan_members(out_dir: Path, members: int, first_seed: int, recipes: int = 1) -> list[MemberPlan]:
     if members < 1:
         raise DigitlabError(f"an ensemble needs at least 1 member, got {members}")
-    return [MemberPlan(i, first_seed + i, out_dir / f"{MEMBER_PREFIX}{i}") for i in range(members)]
+    return [MemberPlan(i, first_seed + i, out_dir / f"{MEMBER_PREFIX}{i}", i % recipes) for i in range(members)]
+
+
+WEIGHTINGS = ("equal", "logloss")
+
+
+def logloss_weights(run_dirs: Sequence[Path]) -> list[float]:
+    """Weights proportional to 1 / validation log-loss, each member's loss measured on the
+    validation data it held out (never on test); they sum to 1."""
+    losses = []
+    for run_dir in run_dirs:
+        loss = read_model_meta(run_dir).get("metrics", {}).get("val_loss")
+        if loss is None or not np.isfinite(loss) or loss <= 0:
+            raise DigitlabError(f"{run_dir}: no validation log-loss recorded (val_loss {loss!r}); "
+                                "--weights logloss needs members trained with validation data")
+        losses.append(float(loss))
+    inverse = 1 / np.asarray(losses)
+    return [float(w) for w in inverse / inverse.sum()]
 
 
 def _train_in_process(config: TrainConfig, plan: MemberPlan, callbacks: Iterable[Callable],
@@ -57,17 +85,19 @@ def _train_in_process(config: TrainConfig, plan: MemberPlan, callbacks: Iterable
         fit(config.with_overrides(seed=plan.seed), plan.run_dir, callbacks=callbacks, progress=progress)
 
 
-def _member_command(config_path: Path, plan: MemberPlan) -> list[str]:
+def _member_command(config_path: Path, plan: MemberPlan) -> list[str]:  # config_path: the plan's recipe
     base = [sys.executable, "-m", "digitlab", "train", "--quiet"]
     if plan.started:
         return [*base, "--resume", str(plan.run_dir)]
     return [*base, "--config", str(config_path), "--seed", str(plan.seed), "--out", str(plan.run_dir)]
 
 
-def _train_in_processes(config: TrainConfig, plans: list[MemberPlan], jobs: int, out_dir: Path,
+def _train_in_processes(recipes: list[TrainConfig], plans: list[MemberPlan], jobs: int, out_dir: Path,
                         on_event: Callable[[dict[str, Any]], None]) -> None:
-    config_path = out_dir / "member-config.json"
-    atomic_write_json(config_path, {"config": config.to_dict()})
+    config_paths = []
+    for k, recipe in enumerate(recipes):
+        config_paths.append(out_dir / f"member-config-{k}.json")
+        atomic_write_json(config_paths[-1], {"config": recipe.to_dict()})
     threads = max(1, (os.cpu_count() or 1) // jobs)  # split the cores, no oversubscription
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     pending = list(plans)
@@ -79,7 +109,7 @@ def _train_in_processes(config: TrainConfig, plans: list[MemberPlan], jobs: int,
                 plan = pending.pop(0)
                 plan.run_dir.parent.mkdir(parents=True, exist_ok=True)
                 log_file = (out_dir / f"member-{plan.index}.log").open("a")
-                proc = subprocess.Popen(_member_command(config_path, plan), env=env, stdout=log_file,
+                proc = subprocess.Popen(_member_command(config_paths[plan.recipe], plan), env=env, stdout=log_file,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
                 log_file.close()
                 running.append((plan, proc))
@@ -103,26 +133,44 @@ def _train_in_processes(config: TrainConfig, plans: list[MemberPlan], jobs: int,
         raise DigitlabError("; ".join(failures))
 
 
+def _write_union_hashes(out_dir: Path, plans: list[MemberPlan]) -> None:
+    """The ensemble saw every image any member trained on; members from before hashes were kept: none."""
+    parts = [read_train_hashes(p.run_dir) for p in plans]
+    if all(p is not None for p in parts):
+        write_train_hashes(out_dir, np.concatenate(parts))  # type: ignore[arg-type]
+    else:
+        (out_dir / TRAIN_HASHES_FILE).unlink(missing_ok=True)
+
+
 def train_ensemble(
-    config: TrainConfig,
+    config: TrainConfig | Sequence[TrainConfig],
     out_dir: str | Path,
     members: int,
     jobs: int = 1,
     first_seed: int | None = None,
     callbacks: Iterable[Callable[[dict[str, Any]], None]] = (),
+    weights: str = "equal",
     progress: bool = True,
 ) -> Path:
     """Train (or finish training) the members, then write ensemble.json; returns the folder.
 
-    `progress` shows fit's progress bars for members trained in this process (jobs=1).
+    `config` is one recipe or a list (member i trains recipe i mod len); seeds run from
+    `first_seed` (default: the first recipe's). `weights="logloss"` weights the average by
+    1 / each member's validation log-loss (see `logloss_weights`). `progress` shows fit's
+    progress bars for members trained in this process (jobs=1).
     """
     out_dir = Path(out_dir)
-    config = config.validate()
-    if config.tensorboard:
+    recipes = [c.validate() for c in ([config] if isinstance(config, TrainConfig) else config)]
+    if not recipes:
+        raise DigitlabError("an ensemble needs at least one recipe")
+    if weights not in WEIGHTINGS:
+        raise DigitlabError(f"unknown weighting {weights!r}; choose {' or '.join(WEIGHTINGS)}")
+    if any(r.tensorboard for r in recipes):
         from digitlab.tensorboard import require_tensorboard
 
         require_tensorboard()  # once here, not once per member process
-    plans = plan_members(out_dir, members, config.seed if first_seed is None else first_seed)
+    config = recipes[0]
+    plans = plan_members(out_dir, members, config.seed if first_seed is None else first_seed, len(recipes))
     callbacks = list(callbacks)
 
     def emit(event: dict[str, Any]) -> None:
@@ -135,16 +183,24 @@ def train_ensemble(
     if jobs <= 1:
         for plan in todo:
             emit({"event": "member_start", "member": plan.index, "seed": plan.seed})
-            _train_in_process(config, plan, callbacks, progress)
+            _train_in_process(recipes[plan.recipe], plan, callbacks, progress)
             emit({"event": "member_end", "member": plan.index, "returncode": 0})
     else:
-        _train_in_processes(config, todo, jobs, out_dir, emit)
-    atomic_write_json(out_dir / ENSEMBLE_FILE, {
+        _train_in_processes(recipes, todo, jobs, out_dir, emit)
+    _write_union_hashes(out_dir, plans)
+    manifest: dict[str, Any] = {
         "kind": "ensemble",
-        "preset": config.preset,
+        "preset": ",".join(dict.fromkeys(r.preset for r in recipes)),
         "members": [p.run_dir.name for p in plans],
         "seeds": [p.seed for p in plans],
+        "presets": [recipes[p.recipe].preset for p in plans],
         "config": config.to_dict(),
-    })
+        "weighting": weights,
+    }
+    if len(recipes) > 1:
+        manifest["configs"] = [r.to_dict() for r in recipes]
+    if weights == "logloss":
+        manifest["weights"] = logloss_weights([p.run_dir for p in plans])
+    atomic_write_json(out_dir / ENSEMBLE_FILE, manifest)
     emit({"event": "ensemble_end", "out": str(out_dir)})
     return out_dir

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ class EvalResult:
             "correct": self.correct,
             "errors": self.errors,
             "accuracy": self.accuracy,
+            "accuracy_95ci": list(wilson_interval(self.correct, self.total)),
             "mean_confidence": self.mean_confidence,
             "log_loss": self.log_loss,
             "macro_f1": self.macro_f1,
@@ -94,8 +95,20 @@ class EvalResult:
         if self.run:
             lines.append(f"run              {self.run}")
         lines.append(f"data             {self.source}  ({self.total:,} images, fingerprint {self.fingerprint})")
+        if self.extra.get("data_choice"):
+            lines.append(f"chosen           {self.extra['data_choice']}")
+        seen = self.extra.get("seen_in_training")
+        seen_text = ""
+        if "seen_in_training" in self.extra:
+            how = "counted" if self.extra.get("seen_included") else "left out"
+            seen_text = "  seen in training: " + ("not checked" if seen is None else f"{seen:,} {how}")
         lines.append(f"accuracy         {100 * self.accuracy:.2f}%  ({self.errors:,} errors of {self.total:,})"
-                     + ("  [test-time augmentation]" if self.tta else ""))
+                     + ("  [test-time augmentation]" if self.tta else "") + seen_text)
+        low, high = wilson_interval(self.correct, self.total)
+        lines.append(f"95% interval     {100 * low:.2f}% .. {100 * high:.2f}%  (Wilson, {self.total:,} images)")
+        if self.extra.get("expected_leaderboard"):
+            lines.append(f"expected on unseen data like it (e.g. a Kaggle leaderboard): {100 * self.accuracy:.2f}% "
+                         f"[{100 * low:.2f}%, {100 * high:.2f}%], from this held-out split")
         lines.append(f"mean confidence  {self.mean_confidence:.4f}")
         lines.append(f"log loss         {self.log_loss:.4f}")
         lines.append(f"macro F1         {self.macro_f1:.4f}")
@@ -114,6 +127,16 @@ class EvalResult:
                 tops = "  ".join(f"{d}:{p:.3f}" for d, p in m.top3)
                 lines.append(f"{m.index:>7}  {m.true:>4}  {m.predicted:>4}  {m.probability:>6.3f}  {tops}")
         return "\n".join(lines)
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% (z=1.96) Wilson score interval of a proportion; stays inside [0, 1] even at 100%."""
+    if total <= 0:
+        raise DigitlabError("an interval needs at least one image")
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * np.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
 def _check(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -175,22 +198,49 @@ def evaluate_predictions(probs: np.ndarray, labels: np.ndarray) -> EvalResult:
 
 
 def evaluate_run(
-    path: str | Path | ProbabilityModel, data: str | DigitData = "mnist:test", tta: bool = False,
-    precision: str = "auto",
+    path: str | Path | ProbabilityModel, data: str | DigitData | None = None, tta: bool = False,
+    precision: str = "auto", include_seen: bool = False, run_dir: str | Path | None = None,
 ) -> EvalResult:
-    """Evaluate a run folder, ensemble folder (members averaged) or loaded Predictor on labelled data."""
+    """Evaluate a run folder, ensemble folder (members averaged) or loaded Predictor on labelled data.
+
+    Images the run trained on are left out unless `include_seen` (the run's folder is `path`, or
+    `run_dir` for a loaded Predictor). `data=None` picks the run's default evaluation set (see
+    `digitlab.overlap.default_evaluation`): mnist:test for MNIST-trained runs, else its held-out split.
+    """
+    from digitlab.overlap import HELD_OUT, check_seen, default_evaluation, run_train_hashes
+
+    folder = Path(path) if isinstance(path, str | Path) else (Path(run_dir) if run_dir is not None else None)
+    choice = "named by the caller"
+    held_out = False
+    if data is None:
+        if folder is None:
+            raise DigitlabError("no data to evaluate on: name a source, or give the run folder for its default")
+        data, choice = default_evaluation(folder)
+        held_out = HELD_OUT in choice
     data = load_source(data) if isinstance(data, str) else data
     if not data.has_labels:
         raise DigitlabError(f"{data.source}: has no labels; evaluation needs a labelled source "
                             "(e.g. mnist:test, Kaggle train.csv, images:DIR with class folders)")
+    seen = check_seen(data, run_train_hashes(folder) if folder is not None else None, include_seen)
+    measured = data if len(seen.keep) == len(data) else data.subset(seen.keep, data.source)
     # a folder is loaded here; anything else is taken as a loaded predictor (torch or ONNX Runtime)
     predictor = load_predictor(path, precision=precision) if isinstance(path, str | Path) else path
     t0 = time.perf_counter()
-    probs = predict_proba(predictor, data.images, tta)
+    probs = predict_proba(predictor, measured.images, tta)
     seconds = time.perf_counter() - t0
-    result = evaluate_predictions(probs, data.labels)  # type: ignore[arg-type]
+    result = evaluate_predictions(probs, measured.labels)  # type: ignore[arg-type]
+    # mistakes keep their index in the named source, not in the measured subset
+    result.misclassified = [replace(m, index=int(seen.keep[m.index])) for m in result.misclassified]
     result.source, result.fingerprint, result.tta, result.seconds = data.source, data.fingerprint, tta, seconds
-    result.run = str(path) if isinstance(path, str | Path) else ""
-    result.extra = {"members": predictor.members, "precision": predictor.precision}
+    result.run = str(path) if isinstance(path, str | Path) else str(run_dir or "")
+    notes = [seen.message] if seen.message else []
+    result.extra = {"members": predictor.members, "precision": predictor.precision,
+                    "source_count": len(data), "data_choice": choice, **seen.to_dict(), "notes": notes}
+    if held_out:  # the run's own held-out fold: the honest forecast for unseen data of the same kind
+        low, high = wilson_interval(result.correct, result.total)
+        result.extra["expected_leaderboard"] = {"accuracy": result.accuracy, "low95": low, "high95": high,
+                                                "images": result.total, "method": "Wilson score interval"}
+    for note in notes:  # the CLI prints them; a library caller finds them in extra["notes"]
+        log.info("%s", note)
     log.info("%s on %s: accuracy %.4f in %.2fs", result.run, data.source, result.accuracy, seconds)
     return result

@@ -37,12 +37,14 @@ METADATA_PREFIX = "digitlab."
 class _EnsembleLogits(nn.Module):
     """log(mean softmax) over members: softmax of it gives back the ensemble's mean probabilities."""
 
-    def __init__(self, members: list[nn.Module]) -> None:
+    def __init__(self, members: list[nn.Module], weights: Any = None) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
+        w = torch.full((len(members),), 1 / len(members)) if weights is None else torch.as_tensor(weights)
+        self.register_buffer("weights", w.float().reshape(-1, 1, 1))  # (M, 1, 1): ensemble.json weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([torch.softmax(m(x), dim=1) for m in self.members]).mean(0)  # (B, 10)
+        probs = (torch.stack([torch.softmax(m(x), dim=1) for m in self.members]) * self.weights).sum(0)  # (B, 10)
         return torch.log(probs.clamp_min(1e-30))
 
 
@@ -98,7 +100,7 @@ def _load_torch(run_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
     predictor = load_predictor(run_dir, precision="fp32", device="cpu")
     models = [m.to(memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]  # stubs lack it
               for m in predictor.models]
-    module = models[0] if len(models) == 1 else _EnsembleLogits(models).eval()
+    module = models[0] if len(models) == 1 else _EnsembleLogits(models, predictor.weights).eval()
     return module, predictor.meta
 
 

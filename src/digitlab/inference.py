@@ -53,6 +53,11 @@ class Predictor:
     def members(self) -> int:
         return len(self.models)
 
+    @property
+    def weights(self) -> np.ndarray | None:
+        """Per-member weights of the average (ensemble.json `weights`), or None for equal weights."""
+        return member_weights(self.meta, self.members)
+
     def member_proba(self, images: np.ndarray) -> np.ndarray:
         """(M, N, 10) float32 probabilities of each member for uint8 images (N, 28, 28)."""
         images = _check_images(images)
@@ -64,8 +69,23 @@ class Predictor:
         return np.stack(out)
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        """(N, 10) float32 probabilities: the mean over members."""
-        return self.member_proba(images).mean(axis=0)
+        """(N, 10) float32 probabilities: the (weighted) mean over members."""
+        weights = self.weights
+        probs = self.member_proba(images)
+        if weights is None:
+            return probs.mean(axis=0)
+        return np.tensordot(weights.astype(np.float32), probs, axes=1)
+
+
+def member_weights(meta: dict[str, Any], members: int) -> np.ndarray | None:
+    """The ensemble's member weights (summing to 1), checked against the number of members."""
+    weights = meta.get("weights")
+    if weights is None:
+        return None
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (members,) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise DigitlabError(f"{ENSEMBLE_FILE}: weights {weights!r} must be {members} non-negative numbers")
+    return w / w.sum()
 
 
 # ---------------------------------------------------------------- test-time augmentation

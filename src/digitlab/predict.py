@@ -49,6 +49,7 @@ class Prediction:
     digit: int  # the most likely digit (the word the HTTP API uses too)
     probability: float
     top_k: list[tuple[int, float]]  # (digit, probability), most likely first
+    seen_in_training: bool | None = None  # the image is one the run trained on; None: not known
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -220,8 +221,26 @@ def predict_inputs(
         names = [n for b in batches for n in b.names]
         probs = predict_proba(predictor, images, tta)
         predictions = predictions_from_proba(probs, names, top_k)
+        if isinstance(run, str | Path) and Path(run).is_dir():
+            _mark_seen(predictions, images, Path(run), notes)
     log.info("predicted %d images from %d inputs (%d errors)", len(predictions), len(batches), len(errors))
     return PredictionResult(predictions, errors, notes, batches)
+
+
+def _mark_seen(predictions: list[Prediction], images: np.ndarray, run_dir: Path, notes: list[str]) -> None:
+    """Flag the images the run trained on: its answers there are recall, not prediction."""
+    from digitlab.data import image_hashes
+    from digitlab.overlap import run_train_hashes
+
+    train_hashes = run_train_hashes(run_dir)
+    if train_hashes is None:
+        return
+    seen = np.isin(image_hashes(images), train_hashes)
+    for prediction, flag in zip(predictions, seen, strict=True):
+        prediction.seen_in_training = bool(flag)
+    if seen.any():
+        notes.append(f"{int(seen.sum()):,} of {len(seen):,} images were in the training data "
+                     "(seen_in_training in --format json); predictions on them say little about new digits")
 
 
 # ---------------------------------------------------------------- writing

@@ -99,9 +99,13 @@ def _fmt_seconds(seconds: float | None) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-def write_report(run_dir: str | Path, data: str | DigitData = "mnist:test", out: str | Path | None = None,
-                 tta: bool = False, max_mistakes: int = 40) -> Path:
-    """Evaluate `run_dir` (run or ensemble folder) on `data` and write the HTML report; returns its path."""
+def write_report(run_dir: str | Path, data: str | DigitData | None = None, out: str | Path | None = None,
+                 tta: bool = False, max_mistakes: int = 40, include_seen: bool = False) -> Path:
+    """Evaluate `run_dir` (run or ensemble folder) on `data` and write the HTML report; returns its path.
+
+    `data=None`: the run's default evaluation set (digitlab.overlap.default_evaluation); images the
+    run trained on are left out of the figures unless `include_seen`.
+    """
     from digitlab.checkpoint import versions
     from digitlab.data import load_source
     from digitlab.errors import DigitlabError
@@ -114,9 +118,20 @@ def write_report(run_dir: str | Path, data: str | DigitData = "mnist:test", out:
     out = Path(out) if out is not None else run_dir / "report" / "report.html"
     if out.suffix.lower() not in (".html", ".htm"):
         raise DigitlabError(f"{out}: the report is HTML; give a file name ending in .html")
+    from digitlab.overlap import default_evaluation
+
+    choice = "named by the caller"
+    if data is None:
+        data, choice = default_evaluation(run_dir)
     data = load_source(data) if isinstance(data, str) else data
     predictor = load_predictor(run_dir)
-    result = evaluate_run(predictor, data, tta=tta)
+    result = evaluate_run(predictor, data, tta=tta, include_seen=include_seen, run_dir=run_dir)
+    result.extra["data_choice"] = choice
+    for note in result.extra["notes"]:
+        log.warning("%s", note)  # the HTML says it too, but the person at the terminal should hear it
+    seen = result.extra["seen_in_training"]
+    seen_card = ("not checked" if seen is None else f"{seen:,} " + ("counted" if include_seen else "left out"),
+                 "images seen in training")
     members = _run_folders(run_dir)
     first_meta = predictor.meta.get("member_meta", [predictor.meta])[0]  # an ensemble: its first member
     shown_members = members[:5]  # more curves than that are unreadable on one axis
@@ -154,6 +169,7 @@ def write_report(run_dir: str | Path, data: str | DigitData = "mnist:test", out:
     cards = [
         (f"{100 * result.accuracy:.2f}%", f"accuracy on {result.source}"),
         (f"{result.errors:,}", f"errors of {result.total:,}"),
+        seen_card,
         (f"{result.mean_confidence:.4f}", "mean confidence"),
         (f"{result.macro_f1:.4f}", "macro F1"),
         (f"{first_meta.get('parameters', 0):,}", "parameters"),
@@ -168,7 +184,9 @@ def write_report(run_dir: str | Path, data: str | DigitData = "mnist:test", out:
     run_info = [
         ("run folder", run_dir.resolve()),
         ("members", ", ".join(m.name for m in members)),
-        ("evaluated data", f"{result.source} ({result.total:,} images)"),
+        ("evaluated data", f"{result.source} ({result.total:,} of {result.extra['source_count']:,} images measured)"),
+        ("how it was chosen", choice),
+        *(("overlap with training data", note) for note in result.extra["notes"]),
         ("evaluated data fingerprint", result.fingerprint),
         ("training data", f"{data_info.get('train_source')} ({data_info.get('train_count', 0):,} images)"),
         ("training data fingerprint", data_info.get("train_fingerprint")),
@@ -190,6 +208,8 @@ def write_report(run_dir: str | Path, data: str | DigitData = "mnist:test", out:
 <h1>{_esc(title)}</h1>
 <p class="sub">digitlab run report &middot; {_esc(result.source)} &middot;
 {'test-time augmentation &middot; ' if tta else ''}{_esc(datetime.now().strftime('%Y-%m-%d %H:%M'))}</p>
+<p class="sub">Evaluated data: {_esc(choice)}.
+{''.join(f"<br><strong>{_esc(n)}</strong>" for n in result.extra["notes"])}</p>
 <nav>{nav}</nav>
 <section id="summary"><h2>Summary</h2><div class="cards">
 {''.join(f'<div class="card"><div class="v">{_esc(v)}</div><div class="k">{_esc(k)}</div></div>' for v, k in cards)}

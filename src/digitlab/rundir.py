@@ -15,6 +15,7 @@ MODEL_FILE = "model.safetensors"  # the final weights
 MODEL_META = "model.json"  # what rebuilds the model from MODEL_FILE, with its sha256
 STATE_FILE = "checkpoint.safetensors"  # the resumable training state, rewritten atomically every epoch
 ONNX_FILE = "model.onnx"  # `digitlab export`
+TRAIN_HASHES_FILE = "train_hashes.npy"  # sorted unique uint64 hashes of every training image (.npy, no pickle)
 ENSEMBLE_FILE = "ensemble.json"  # an ensemble folder's manifest: its member run folders
 MEMBER_PREFIX = "member-"  # an ensemble's member folders: member-0, member-1, ...
 

@@ -436,6 +436,7 @@ class _Run:
     val_images: torch.Tensor | None
     val_labels: torch.Tensor | None
     data_info: dict[str, Any]
+    train_data: DigitData  # host copy: its image hashes go into the run folder
     metrics: MetricsLog
     emit: Callback
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -541,7 +542,7 @@ def _open_run(config: TrainConfig | None, out_dir: str | Path | None, resume: st
             "val_fingerprint": val_data.fingerprint if val_data is not None else None,
             "val_count": len(val_data) if val_data is not None else 0,
         },
-        metrics=MetricsLog(run_dir / METRICS_FILE), emit=emit,
+        train_data=train_data, metrics=MetricsLog(run_dir / METRICS_FILE), emit=emit,
     )
 
 
@@ -558,6 +559,7 @@ def _write_run_config(run: _Run) -> None:
         "versions": ckpt.versions(),
         "started": datetime.now().isoformat(timespec="seconds"),
     })
+    ckpt.write_train_hashes(run.run_dir, run.train_data.image_hashes())  # so evaluation can leave them out
 
 
 def _restore(run: _Run) -> None:

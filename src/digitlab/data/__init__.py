@@ -8,7 +8,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from digitlab.data.dataset import IMAGE_SIDE, NUM_CLASSES, DigitData, fingerprint
+from digitlab.data.dataset import IMAGE_SIDE, NUM_CLASSES, DigitData, fingerprint, image_hashes
 from digitlab.data.split import split  # eager: a lazily imported submodule would shadow the function
 from digitlab.errors import DigitlabError
 
@@ -42,6 +42,7 @@ __all__ = [
     "SOURCE_FORMS",
     "DigitData",
     "fingerprint",
+    "image_hashes",
     "load_idx_dir",
     "load_image_folder",
     "load_kaggle_csv",

@@ -1,6 +1,7 @@
 """The one in-memory form every data source produces: uint8 images, optional int64 labels.
 
-A fingerprint (sha256 of pixels + labels) identifies the data in run metadata.
+A fingerprint (sha256 of pixels + labels) identifies the data in run metadata; per-image
+hashes (of the 784 pixel bytes) find the same digit in two sources.
 """
 
 from __future__ import annotations
@@ -25,6 +26,17 @@ def fingerprint(images: np.ndarray, labels: np.ndarray | None) -> str:
     return h.hexdigest()[:16]
 
 
+def image_hashes(images: np.ndarray) -> np.ndarray:
+    """(N,) uint64: an 8-byte blake2b digest of each image's 784 pixel bytes.
+
+    Equal pixels give equal hashes whatever the source format or label; 2**64 values make an
+    accidental collision among a few million images vanishingly unlikely.
+    """
+    flat = np.ascontiguousarray(images, dtype=np.uint8).reshape(len(images), -1)
+    digests = b"".join(hashlib.blake2b(row, digest_size=8).digest() for row in flat)
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+
+
 @dataclass(frozen=True)
 class DigitData:
     """Images `(N, 28, 28)` uint8 (0 = background), labels `(N,)` int64 in 0..9 or None."""
@@ -33,6 +45,7 @@ class DigitData:
     labels: np.ndarray | None
     source: str
     _fingerprint: str | None = field(default=None, repr=False, compare=False)
+    _hashes: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 3 or self.images.shape[1:] != (
@@ -64,6 +77,12 @@ class DigitData:
         if self._fingerprint is None:
             object.__setattr__(self, "_fingerprint", fingerprint(self.images, self.labels))
         return self._fingerprint  # type: ignore[return-value]
+
+    def image_hashes(self) -> np.ndarray:
+        """(N,) uint64 content hash of each image (see `image_hashes`), computed once."""
+        if self._hashes is None:
+            object.__setattr__(self, "_hashes", image_hashes(self.images))
+        return self._hashes  # type: ignore[return-value]
 
     def subset(self, index: np.ndarray, source: str | None = None) -> DigitData:
         labels = None if self.labels is None else self.labels[index]
