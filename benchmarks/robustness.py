@@ -28,7 +28,7 @@ from digitlab.inference import load_predictor
 
 def validation_split(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """The images a run held out for validation, rebuilt from its config.json."""
-    config = json.loads((run_dir / "config.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())["config"]
     if config.get("val_data"):
         data = load_source(config["val_data"])
         return data.images, data.labels
