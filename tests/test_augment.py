@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from digitlab.augment import (
     AugmentConfig,
     augment_batch,
+    dilate,
     elastic_displacement,
+    erode,
     random_affine_matrices,
+    random_background,
     rotate,
     translate,
 )
@@ -83,3 +87,64 @@ def test_elastic_field_is_smooth_and_scaled() -> None:
     assert field.abs().max() < 34
     neighbour_step = (field[:, 1:] - field[:, :-1]).abs().mean()
     assert neighbour_step < 0.25 * field.abs().mean()  # smoothed: neighbours move together
+
+
+# Photometric transforms (issue 13) -------------------------------------------------------------
+
+ROBUST = AugmentConfig(thickness=1.0, blur=0.5, low_resolution=0.5, noise=0.5, background=0.5)
+
+
+def test_presets_augment_exactly_as_before_the_photometric_transforms() -> None:
+    """Checksums of augment_batch computed on main before the new fields existed."""
+    import hashlib
+
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(123))
+    expected = {"seed2017": "2905c5df1eca0609", "quick": "b07b108dea7939c5",
+                "fast-long": "e687eaa739e0b506", "best": "58b652b20e56398d"}
+    for name, digest in expected.items():
+        out = augment_batch(x.clone(), get_preset(name).augment, torch.Generator().manual_seed(7))
+        assert hashlib.sha256(out.numpy().tobytes()).hexdigest()[:16] == digest, name
+        assert not get_preset(name).augment.photometric
+
+
+@pytest.mark.parametrize("field", ["thickness", "blur", "low_resolution", "noise", "background"])
+def test_each_photometric_transform_is_seeded_and_changes_images(field: str) -> None:
+    config = AugmentConfig(**{field: 1.0})
+    assert config.enabled and config.photometric
+    x = _digits()
+    a = augment_batch(x, config, torch.Generator().manual_seed(3))
+    b = augment_batch(x, config, torch.Generator().manual_seed(3))
+    c = augment_batch(x, config, torch.Generator().manual_seed(4))
+    assert a.shape == x.shape and a.dtype == x.dtype and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, x)
+
+
+def test_probability_zero_point_five_leaves_some_images_alone() -> None:
+    x = _digits(64)
+    y = augment_batch(x, AugmentConfig(background=0.5), torch.Generator().manual_seed(0))
+    same = (y == x).flatten(1).all(1)
+    assert 10 < int(same.sum()) < 54
+
+
+def test_dilation_adds_ink_and_erosion_removes_it() -> None:
+    x = _digits(1)
+    assert dilate(x, 3).sum() > 1.4 * x.sum()
+    assert erode(x, 2).sum() < 0.8 * x.sum()
+    assert torch.all(dilate(x, 2) >= x) and torch.all(erode(x, 2) <= x)
+
+
+def test_background_lights_the_paper() -> None:
+    x = _digits(32)
+    y = random_background(x, 1.0, torch.Generator().manual_seed(0))
+    assert y[x == 0].mean() > 0.1
+
+
+def test_photometric_transforms_follow_the_device() -> None:
+    x = _digits()
+    device = x.device
+    y = augment_batch(x, ROBUST, torch.Generator(device=device).manual_seed(0))
+    assert y.device == device
+    if torch.cuda.is_available():
+        xc = x.cuda()
+        yc = augment_batch(xc, ROBUST, torch.Generator(device=xc.device).manual_seed(0))
+        assert yc.device == xc.device

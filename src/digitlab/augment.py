@@ -107,6 +107,90 @@ def elastic(images: torch.Tensor, alpha: float, sigma: float, generator: torch.G
     return F.grid_sample(images, grid + disp * scale, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def _chosen(images: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """(B, 1, 1, 1) mask: which images get a transform applied with probability p."""
+    return (torch.rand(len(images), generator=generator, device=images.device) < p).view(-1, 1, 1, 1)
+
+
+def _per_image(images: torch.Tensor, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
+    return _uniform(len(images), low, high, generator, images.device).view(-1, 1, 1, 1)
+
+
+def dilate(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Grey-level dilation by a size x size square: thicker strokes."""
+    pad = (size // 2, (size - 1) // 2, size // 2, (size - 1) // 2)
+    return F.max_pool2d(F.pad(images, pad), size, stride=1)
+
+
+def erode(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Grey-level erosion (-dilate(-x)): thinner strokes."""
+    return -dilate(-images, size)
+
+
+def random_thickness(images: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """With probability p a 2x2 or 3x3 dilation or a 2x2 erosion (contrast restored), equally likely."""
+    kind = torch.randint(0, 3, (len(images), 1, 1, 1), generator=generator, device=images.device)
+    thin = erode(images, 2)
+    thin = thin / thin.amax(dim=(2, 3), keepdim=True).clamp_min(1e-3) * images.amax(dim=(2, 3), keepdim=True)
+    out = torch.where(kind == 0, dilate(images, 2), torch.where(kind == 1, dilate(images, 3), thin))
+    return torch.where(_chosen(images, p, generator), out, images)
+
+
+def random_blur(images: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """With probability p a Gaussian blur, sigma uniform in [0.5, 1.2] pixels per image."""
+    b, c, h, w = images.shape
+    sigma = _uniform(b, 0.5, 1.2, generator, images.device).view(-1, 1)
+    t = torch.arange(-3, 4, device=images.device, dtype=images.dtype).view(1, -1)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = (k / k.sum(1, keepdim=True)).to(images.dtype)  # (B, 7): one kernel per image
+    x = images.reshape(1, b * c, h, w)
+    x = F.conv2d(F.pad(x, (3, 3, 0, 0), mode="replicate"), k.repeat_interleave(c, 0).view(b * c, 1, 1, 7), groups=b * c)
+    x = F.conv2d(F.pad(x, (0, 0, 3, 3), mode="replicate"), k.repeat_interleave(c, 0).view(b * c, 1, 7, 1), groups=b * c)
+    return torch.where(_chosen(images, p, generator), x.view(b, c, h, w), images)
+
+
+def random_low_resolution(images: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """With probability p area-downsampled to 10, 13 or 16 pixels and bilinear back up.
+
+    The three sizes are computed for the whole batch and picked per image, so no random number
+    has to come back to the host (a sync point on a GPU).
+    """
+    size = images.shape[2:]
+    kind = torch.randint(0, 3, (len(images), 1, 1, 1), generator=generator, device=images.device)
+    out = images
+    for i, side in enumerate((10, 13, 16)):
+        small = F.interpolate(images, size=(side, side), mode="area")
+        out = torch.where(kind == i, F.interpolate(small, size=size, mode="bilinear", align_corners=False), out)
+    return torch.where(_chosen(images, p, generator), out, images)
+
+
+def random_noise(images: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """With probability p Gaussian noise (std up to 0.15) or salt and pepper (up to 10%), equally likely."""
+    dev = images.device
+    gauss = images + torch.randn(images.shape, generator=generator, device=dev) * _per_image(images, 0, 0.15, generator)
+    u = torch.rand(images.shape, generator=generator, device=dev)
+    amount = _per_image(images, 0, 0.1, generator)
+    salted = torch.where(u < amount / 2, torch.zeros_like(images), images)
+    salted = torch.where((u >= amount / 2) & (u < amount), torch.ones_like(images), salted)
+    kind = torch.rand(len(images), 1, 1, 1, generator=generator, device=dev) < 0.5
+    return torch.where(_chosen(images, p, generator), torch.where(kind, gauss, salted), images)
+
+
+def random_background(images: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """With probability p ink on grey paper: a level up to 0.45 plus a ramp up to 0.5 in a random
+    direction, and the ink's own level lowered to 0.6-1 (an inverted photo under uneven light)."""
+    _, _, h, w = images.shape
+    dev = images.device
+    angle = _per_image(images, 0, 2 * math.pi, generator)
+    yy = torch.linspace(-0.5, 0.5, h, device=dev, dtype=images.dtype).view(1, 1, h, 1)
+    xx = torch.linspace(-0.5, 0.5, w, device=dev, dtype=images.dtype).view(1, 1, 1, w)
+    ramp = (xx * torch.cos(angle) + yy * torch.sin(angle)) / math.sqrt(2) + 0.5  # within [0, 1]
+    paper = _per_image(images, 0, 0.45, generator) + _per_image(images, 0, 0.5, generator) * ramp
+    ink = _per_image(images, 0.6, 1.0, generator)
+    out = paper + images * (ink - paper).clamp_min(0.1)
+    return torch.where(_chosen(images, p, generator), out, images)
+
+
 def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     """All configured transforms on one batch; returns a new tensor of the same shape, in [0, 1]."""
     out = images
@@ -114,4 +198,15 @@ def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.
         out = random_affine(out, config, generator)
     if config.elastic_alpha:
         out = elastic(out, config.elastic_alpha, config.elastic_sigma, generator)
+    # the pen first, then what scanning or photographing it does
+    if config.thickness:
+        out = random_thickness(out, config.thickness, generator)
+    if config.low_resolution:
+        out = random_low_resolution(out, config.low_resolution, generator)
+    if config.blur:
+        out = random_blur(out, config.blur, generator)
+    if config.background:
+        out = random_background(out, config.background, generator)
+    if config.noise:
+        out = random_noise(out, config.noise, generator)
     return out.clamp_(0.0, 1.0) if out is not images else out

@@ -30,10 +30,21 @@ class AugmentConfig:
     elastic_alpha: float = 0.0  # pixels: scale of the Simard displacement field
     elastic_sigma: float = 4.0  # pixels: Gaussian width smoothing that field
     fill: str = "nearest"  # outside pixels: "nearest" (Keras fill_mode) or "constant" (0)
+    # Photometric transforms real writing needs (issue 13). Each is the probability that an
+    # image gets it; 0 (the default) leaves every existing recipe's batches bit-for-bit as before.
+    thickness: float = 0.0  # pen width: a 2x2 or 3x3 dilation, or a 2x2 erosion, equally likely
+    blur: float = 0.0  # Gaussian blur, sigma uniform in [0.5, 1.2] pixels
+    low_resolution: float = 0.0  # area-downsampled to 10-16 pixels, bilinear back up
+    noise: float = 0.0  # Gaussian noise (std up to 0.15) or salt and pepper (up to 10% of pixels)
+    background: float = 0.0  # a grey or ramped background (paper, uneven light) under the ink
+
+    @property
+    def photometric(self) -> bool:
+        return any((self.thickness, self.blur, self.low_resolution, self.noise, self.background))
 
     @property
     def enabled(self) -> bool:
-        return any((self.rotation, self.zoom, self.shift, self.shear, self.elastic_alpha))
+        return any((self.rotation, self.zoom, self.shift, self.shear, self.elastic_alpha)) or self.photometric
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,6 +103,9 @@ class TrainConfig:
             raise bad(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.device not in DEVICES:
             raise bad(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        for name in ("thickness", "blur", "low_resolution", "noise", "background"):
+            if not 0 <= getattr(self.augment, name) <= 1:
+                raise bad(f"augment {name} is a probability in [0, 1], got {getattr(self.augment, name)}")
         if not 0 <= self.label_smoothing < 1:
             raise bad(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
         if not isinstance(self.tensorboard, bool):
