@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from digitlab.calibration import apply_run_calibration, calibration_meta
 from digitlab.checkpoint import MODEL_META, load_model
 from digitlab.errors import DigitlabError
 from digitlab.train import predict_logits, prepare_model, resolve_device, resolve_precision
@@ -47,8 +48,8 @@ class Predictor:
         return np.stack(out)
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        """(N, 10) float32 probabilities: the mean over members."""
-        return self.member_proba(images).mean(axis=0)
+        """(N, 10) float32 probabilities: the mean over members, temperature-scaled if calibrated."""
+        return apply_run_calibration(self.member_proba(images).mean(axis=0), self.meta)
 
 
 def _check_images(images: np.ndarray) -> np.ndarray:
@@ -81,8 +82,10 @@ def ensemble_members(path: Path) -> list[Path]:
 
 
 def load_predictor(path: str | Path, precision: str = "auto", device: str = "cpu",
-                   batch_size: int = 256, backend: str = "torch") -> Predictor:
+                   batch_size: int = 256, backend: str = "torch", calibrated: bool = True) -> Predictor:
     """A run folder (model.safetensors + model.json) or an ensemble folder (ensemble.json).
+
+    `calibrated`: apply the folder's calibration.json temperature (if any) to the probabilities.
 
     backend="onnx" returns an ONNX Runtime `digitlab.export.OnnxPredictor` (same methods; fp32,
     CPU) from RUN_DIR/model.onnx if fresh, else exported on the fly; `path` may be an .onnx file.
@@ -107,6 +110,8 @@ def load_predictor(path: str | Path, precision: str = "auto", device: str = "cpu
         models = [model]
     else:
         raise DigitlabError(f"{path}: neither a run folder (model.json) nor an ensemble ({ENSEMBLE_FILE})")
+    if calibrated:
+        meta.update(calibration_meta(path))
     dev = resolve_device(device)
     if precision == "int8":
         if dev.type != "cpu":

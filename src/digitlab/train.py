@@ -620,6 +620,12 @@ def fit(
             "precision": precision,
             "world_size": ctx.world_size,
         })
+        if val_images is not None:  # temperature fitted on the validation split, never the test set
+            from digitlab.calibration import calibrate_probs, save_calibration
+
+            val_probs = torch.softmax(predict_logits(final_model, val_images, config.eval_batch_size, "fp32",
+                                                     device).float(), dim=1).cpu().numpy()
+            save_calibration(run_dir, calibrate_probs(val_probs, val_labels.numpy(), data_info["val_source"]))
     distributed.barrier(ctx)
     distributed.shutdown(ctx)
     emit({"event": "end", "run_dir": str(run_dir), "final": final, "train_seconds": train_seconds})
