@@ -162,3 +162,60 @@ def test_phone_width_canvas_fits(browser, live_url: str) -> None:
     finally:
         context.close()
     assert external == [], f"the page contacted non-local hosts: {external}"
+
+
+def _touch_stroke(cdp, points: list[tuple[float, float]]) -> None:
+    """A quick finger stroke through `points` (page pixels), as raw touch events."""
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": points[0][0], "y": points[0][1]}]})
+    for x, y in points[1:]:
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [{"x": x, "y": y}]})
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+
+
+def _ink_on_pad(page) -> int:
+    return page.evaluate(
+        "() => { const d = document.getElementById('pad').getContext('2d').getImageData(0, 0, 280, 280).data;"
+        " let s = 0; for (let i = 0; i < d.length; i += 4) s += d[i]; return s; }")
+
+
+def test_phone_tap_on_clear_right_after_a_stroke_clears(browser, live_url: str) -> None:
+    external: list[str] = []
+    context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=1,
+                                  has_touch=True, is_mobile=True)
+    try:
+        page = context.new_page()
+        page.goto(live_url + "/", wait_until="networkidle")
+        cdp = context.new_cdp_session(page)
+        pad = page.locator("#pad").bounding_box()
+        button = page.locator("#clear").bounding_box()
+        centre = (button["x"] + button["width"] / 2, button["y"] + button["height"] / 2)
+        swallowed = 0
+        for i in range(5):
+            x0 = pad["x"] + pad["width"] * (0.3 + 0.1 * i)
+            _touch_stroke(cdp, [(x0, pad["y"] + pad["height"] * f) for f in (0.2, 0.4, 0.6, 0.8)])
+            assert _ink_on_pad(page) > 0, "the finger drew"
+            page.wait_for_timeout(50)
+            page.touchscreen.tap(*centre)
+            page.wait_for_timeout(100)
+            swallowed += _ink_on_pad(page) > 0
+        assert swallowed == 0, f"{swallowed} of 5 taps on Clear 50 ms after a stroke did nothing"
+        assert page.inner_text("#digit") == "–"
+    finally:
+        context.close()
+    assert external == []
+
+
+def test_one_rounding_and_an_unsure_answer(browser, live_url: str) -> None:
+    external: list[str] = []
+    context, page = _open(browser, live_url, 1000, 760, external)
+    try:
+        _draw(page, STROKES["1"])
+        sentence = page.inner_text("#confidence").removesuffix(" sure")
+        assert page.locator("#bars li.best .pct").inner_text() == sentence, "one probability, one rounding"
+        # a dot is not a digit: the page says so instead of naming one
+        assert _draw(page, [[(140, 140), (142, 141)]]) == "?"
+        assert "doesn't look like a digit" in page.inner_text("#confidence")
+        assert page.locator("#bars li.best").count() == 0
+    finally:
+        context.close()
+    assert external == [], f"the page contacted non-local hosts: {external}"
