@@ -166,7 +166,8 @@ def test_phone_width_canvas_fits(browser, live_url: str) -> None:
 
 def _touch_stroke(cdp, points: list[tuple[float, float]]) -> None:
     """A quick finger stroke through `points` (page pixels), as raw touch events."""
-    cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": points[0][0], "y": points[0][1]}]})
+    x0, y0 = points[0]
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": x0, "y": y0}]})
     for x, y in points[1:]:
         cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [{"x": x, "y": y}]})
     cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
