@@ -220,3 +220,24 @@ def test_one_rounding_and_an_unsure_answer(browser, live_url: str) -> None:
     finally:
         context.close()
     assert external == [], f"the page contacted non-local hosts: {external}"
+
+
+def test_report_on_a_phone_fits_and_mistake_captions_are_readable(browser, tiny_run: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    from digitlab.data import load_mnist
+    from digitlab.report import write_report
+
+    data = load_mnist("test")
+    report = write_report(tiny_run, data.subset(np.arange(500), "mnist:test[:500]"), tmp_path / "report.html")
+    context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=1,
+                                  has_touch=True, is_mobile=True)
+    try:
+        page = context.new_page()
+        page.goto(report.as_uri(), wait_until="load")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390, "no sideways scrolling"
+        sizes = page.evaluate("[...document.querySelectorAll('.mistakes figcaption')]"
+                              ".map(e => parseFloat(getComputedStyle(e).fontSize))")
+        assert sizes and min(sizes) >= 11, sizes
+    finally:
+        context.close()

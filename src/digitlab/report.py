@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.colors import LogNorm
+from PIL import Image
 
 from digitlab.augment import AugmentConfig, augment_batch
 from digitlab.data.dataset import DigitData
@@ -127,11 +128,13 @@ def training_curves_figure(histories: dict[str, list[dict[str, Any]]]):
         epochs = [r for r in records if r.get("type") == "epoch"]
         e = [r["epoch"] for r in epochs]
         for key, style, what in (("train", "--", "train"), ("val", "-", "validation")):
+            # one run: train and validation in two colours; several: a colour per member, style per split
+            line_colour = (colours[0] if key == "train" else colours[1]) if single else colour
             for ax, metric in ((ax_loss, f"{key}_loss"), (ax_acc, f"{key}_acc")):
                 points = [(r["epoch"], r[metric]) for r in epochs if metric in r]
                 if points:
-                    ax.plot(*zip(*points, strict=True), style, marker="o", ms=4, color=colour,
-                            label=f"{label}{what}")
+                    ax.plot(*zip(*points, strict=True), style, marker="o" if key == "val" else "s", ms=4,
+                            color=line_colour, label=f"{label}{what}")
         if not e:
             log.info("%s: no epoch records", name)
     ax_batch.set(title="training loss per batch", xlabel="epoch", ylabel="cross-entropy")
@@ -175,16 +178,19 @@ def per_class_error_figure(result):
     digits = np.arange(len(result.per_class))
     missed = np.array([100 * (1 - c.recall) for c in result.per_class])
     false = np.array([100 * (1 - c.precision) for c in result.per_class])
-    wrong = result.confusion.sum(axis=1) - np.diag(result.confusion)
-    fig, ax = plt.subplots(figsize=(9, 4))
+    missed_n = result.confusion.sum(axis=1) - np.diag(result.confusion)
+    false_n = result.confusion.sum(axis=0) - np.diag(result.confusion)
+    fig, ax = plt.subplots(figsize=(9, 4.6))
     ax.bar(digits - 0.2, missed, width=0.4, label="missed: true digit predicted as another (1 - recall)")
     ax.bar(digits + 0.2, false, width=0.4, label="wrong: predicted digit was another (1 - precision)")
-    for d in digits:
-        ax.text(d - 0.2, missed[d], f"{wrong[d]}", ha="center", va="bottom", fontsize=8)
+    for d in digits:  # both series carry their image counts
+        ax.text(d - 0.2, missed[d], f"{missed_n[d]}", ha="center", va="bottom", fontsize=8)
+        ax.text(d + 0.2, false[d], f"{false_n[d]}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(digits)
-    ax.set(xlabel="digit", ylabel="error rate (%)",
-           title="errors per class (numbers: misclassified images of that digit)")
-    ax.legend(fontsize=8)
+    ax.set(xlabel="digit", ylabel="error rate (%)", title="errors per class (numbers: images)")
+    ax.margins(y=0.12)  # room for the counts above the tallest bar
+    # below the axes, where it can cover no bar
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
@@ -216,6 +222,60 @@ def mistakes_figure(images: np.ndarray, mistakes: list, n: int = 40, cols: int =
     return fig
 
 
+def reliability_figure(calibration: dict[str, Any]):
+    """Reliability diagram before/after temperature scaling, from a run's calibration.json."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), sharey=True)
+    for ax, key, what in ((axes[0], "before", "before"), (axes[1], "after", "after temperature scaling")):
+        r = calibration[key]
+        edges, count = np.array(r["edges"]), np.array(r["count"])
+        centres, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+        used = count > 0
+        ax.bar(centres[used], np.array(r["accuracy"])[used], width=width[used], edgecolor="k", lw=0.5,
+               color="#4c78a8", label="accuracy in bin")
+        ax.plot([0, 1], [0, 1], "--", color="0.4", lw=1, label="perfect calibration")
+        ax.plot(np.array(r["confidence"])[used], np.array(r["accuracy"])[used], "o", color="#e45756", ms=4,
+                label="mean confidence in bin")
+        ax.set(title=f"{what}: ECE {100 * r['ece']:.2f}%", xlabel="confidence (top probability)",
+               xlim=(0, 1), ylim=(0, 1))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"reliability on {calibration.get('source', '?')} ({calibration.get('count', 0):,} images), "
+                 f"temperature {calibration['temperature']:.3f}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def calibration_section(run_dir: Path, png: bytes | None) -> str:
+    """The report's calibration section: the reliability diagram, or how to get one."""
+    calibration = _read_json(Path(run_dir) / "calibration.json")
+    if not calibration or png is None:
+        return ('<section id="calibration"><h2>Calibration</h2><p>Not calibrated: run '
+                f"<code>digitlab calibrate {_esc(run_dir)}</code>.</p></section>")
+    before, after = calibration["before"]["ece"], calibration["after"]["ece"]
+    return (f'<section id="calibration"><h2>Calibration</h2><p>Temperature '
+            f"{calibration['temperature']:.3f}, fitted on {_esc(calibration.get('source'))} (never the test set): "
+            f"expected calibration error {100 * before:.2f}% before, {100 * after:.2f}% after; negative "
+            f"log-likelihood {calibration['nll_before']:.4f} -> {calibration['nll_after']:.4f}. Predictions "
+            f"apply the temperature.</p>{_img(png, 'reliability diagram', FIGURE_FILES['calibration'])}</section>")
+
+
+def mistakes_html(images: np.ndarray, mistakes: list, n: int = 40) -> str:
+    """The most confident mistakes as HTML tiles: captions are text, readable at any screen width."""
+    if not mistakes:
+        return "<p>No misclassified images.</p>"
+    tiles = []
+    for m in mistakes[:n]:
+        buf = io.BytesIO()
+        Image.fromarray(np.asarray(images[m.index], dtype=np.uint8)).save(buf, format="PNG")
+        src = base64.b64encode(buf.getvalue()).decode("ascii")
+        top3 = " ".join(f"{d}:{p:.2f}" for d, p in m.top3)
+        tiles.append(f'<figure><img src="data:image/png;base64,{src}" alt="image #{m.index}">'
+                     f"<figcaption>true {m.true} &rarr; {m.predicted} (p={m.probability:.2f})<br>"
+                     f'<span class="top3">{_esc(top3)}</span><br>#{m.index}</figcaption></figure>')
+    return f'<div class="mistakes">{"".join(tiles)}</div>'
+
+
 def figure_png(fig, dpi: int = 100) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
@@ -225,14 +285,15 @@ def figure_png(fig, dpi: int = 100) -> bytes:
 
 # ---------------------------------------------------------------- the HTML report
 
-REPORT_SECTIONS = ("summary", "samples", "training", "confusion", "per-class", "mistakes", "model",
-                   "config", "run-info")
+REPORT_SECTIONS = ("summary", "samples", "training", "confusion", "per-class", "mistakes", "calibration",
+                   "model", "config", "run-info")
 FIGURE_FILES = {
     "samples": "samples.png",
     "training": "training_curves.png",
     "confusion": "confusion_matrix.png",
     "per-class": "per_class_errors.png",
     "mistakes": "mistakes.png",
+    "calibration": "reliability.png",
 }
 
 _CSS = """
@@ -245,7 +306,14 @@ h1 { margin-bottom: 0.1em; } h2 { border-bottom: 1px solid #d8dce4; padding-bott
 .card .v { font-size: 1.5em; font-weight: 600; } .card .k { color: #5a6272; font-size: 0.85em; }
 img { max-width: 100%; height: auto; border: 1px solid #e4e7ee; border-radius: 4px; }
 pre { background: #f6f8fa; padding: 0.8em; overflow-x: auto; font-size: 0.82em; border-radius: 6px; }
-table { border-collapse: collapse; font-size: 0.9em; }
+table { border-collapse: collapse; font-size: 0.9em; display: block; max-width: 100%; overflow-x: auto; }
+table.kv td { overflow-wrap: anywhere; }
+@media (max-width: 600px) { body { padding: 0.8em; } td, th { padding: 0.25em 0.5em; } }
+.mistakes { display: grid; grid-template-columns: repeat(auto-fill, minmax(7.5em, 1fr)); gap: 0.6em; }
+.mistakes figure { margin: 0; text-align: center; }
+.mistakes img { width: 84px; height: 84px; image-rendering: pixelated; border: 0; }
+.mistakes figcaption { font-size: 0.8em; line-height: 1.3; font-variant-numeric: tabular-nums; }
+.mistakes .top3 { color: #5a6272; }
 td, th { padding: 0.25em 0.8em; border-bottom: 1px solid #e4e7ee; text-align: right; }
 th { background: #f3f5f9; } td:first-child, th:first-child { text-align: left; }
 nav a { margin-right: 0.9em; }
@@ -322,6 +390,9 @@ def write_report(run_dir: str | Path, data: str | DigitData = "mnist:test", out:
     }
     if histories:
         figures["training"] = figure_png(training_curves_figure(histories))
+    calibration = _read_json(run_dir / "calibration.json")
+    if calibration and "before" in calibration:
+        figures["calibration"] = figure_png(reliability_figure(calibration))
     out.parent.mkdir(parents=True, exist_ok=True)
     for key, png in figures.items():
         (out.parent / FIGURE_FILES[key]).write_bytes(png)
@@ -393,7 +464,9 @@ def write_report(run_dir: str | Path, data: str | DigitData = "mnist:test", out:
 </section>
 <section id="mistakes"><h2>Misclassified digits</h2>
 <p>{min(max_mistakes, result.errors)} of {result.errors} mistakes, most confident first; under each, the
-three most likely digits with their probabilities.</p>{figure("mistakes", "misclassified digits")}</section>
+three most likely digits with their probabilities ({FIGURE_FILES["mistakes"]} beside this page shows the
+same as one picture).</p>{mistakes_html(data.images, result.misclassified, max_mistakes)}</section>
+{calibration_section(run_dir, figures.get("calibration"))}
 <section id="model"><h2>Model</h2><pre>{_esc(summary_text(predictor.models[0], title))}</pre></section>
 <section id="config"><h2>Training configuration</h2><pre>{_esc(json.dumps(train_cfg, indent=2))}</pre></section>
 <section id="run-info"><h2>Data, versions and timings</h2>{_kv_table(run_info)}</section>
