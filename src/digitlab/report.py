@@ -316,7 +316,7 @@ table.kv td { overflow-wrap: anywhere; }
 .mistakes .top3 { color: #5a6272; }
 td, th { padding: 0.25em 0.8em; border-bottom: 1px solid #e4e7ee; text-align: right; }
 th { background: #f3f5f9; } td:first-child, th:first-child { text-align: left; }
-nav a { margin-right: 0.9em; }
+nav { display: flex; flex-wrap: wrap; gap: 0.2em 0.9em; }  /* the links sit with no space between them */
 table.kv td { text-align: left; font-family: ui-monospace, monospace; }
 table.kv td:first-child { font-family: inherit; color: #5a6272; }
 """
