@@ -162,3 +162,82 @@ def test_phone_width_canvas_fits(browser, live_url: str) -> None:
     finally:
         context.close()
     assert external == [], f"the page contacted non-local hosts: {external}"
+
+
+def _touch_stroke(cdp, points: list[tuple[float, float]]) -> None:
+    """A quick finger stroke through `points` (page pixels), as raw touch events."""
+    x0, y0 = points[0]
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": x0, "y": y0}]})
+    for x, y in points[1:]:
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [{"x": x, "y": y}]})
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+
+
+def _ink_on_pad(page) -> int:
+    return page.evaluate(
+        "() => { const d = document.getElementById('pad').getContext('2d').getImageData(0, 0, 280, 280).data;"
+        " let s = 0; for (let i = 0; i < d.length; i += 4) s += d[i]; return s; }")
+
+
+def test_phone_tap_on_clear_right_after_a_stroke_clears(browser, live_url: str) -> None:
+    external: list[str] = []
+    context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=1,
+                                  has_touch=True, is_mobile=True)
+    try:
+        page = context.new_page()
+        page.goto(live_url + "/", wait_until="networkidle")
+        cdp = context.new_cdp_session(page)
+        pad = page.locator("#pad").bounding_box()
+        button = page.locator("#clear").bounding_box()
+        centre = (button["x"] + button["width"] / 2, button["y"] + button["height"] / 2)
+        swallowed = 0
+        for i in range(5):
+            x0 = pad["x"] + pad["width"] * (0.3 + 0.1 * i)
+            _touch_stroke(cdp, [(x0, pad["y"] + pad["height"] * f) for f in (0.2, 0.4, 0.6, 0.8)])
+            assert _ink_on_pad(page) > 0, "the finger drew"
+            page.wait_for_timeout(50)
+            page.touchscreen.tap(*centre)
+            page.wait_for_timeout(100)
+            swallowed += _ink_on_pad(page) > 0
+        assert swallowed == 0, f"{swallowed} of 5 taps on Clear 50 ms after a stroke did nothing"
+        assert page.inner_text("#digit") == "–"
+    finally:
+        context.close()
+    assert external == []
+
+
+def test_one_rounding_and_an_unsure_answer(browser, live_url: str) -> None:
+    external: list[str] = []
+    context, page = _open(browser, live_url, 1000, 760, external)
+    try:
+        _draw(page, STROKES["1"])
+        sentence = page.inner_text("#confidence").removesuffix(" sure")
+        assert page.locator("#bars li.best .pct").inner_text() == sentence, "one probability, one rounding"
+        # a dot is not a digit: the page says so instead of naming one
+        assert _draw(page, [[(140, 140), (142, 141)]]) == "?"
+        assert "doesn't look like a digit" in page.inner_text("#confidence")
+        assert page.locator("#bars li.best").count() == 0
+    finally:
+        context.close()
+    assert external == [], f"the page contacted non-local hosts: {external}"
+
+
+def test_report_on_a_phone_fits_and_mistake_captions_are_readable(browser, tiny_run: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    from digitlab.data import load_mnist
+    from digitlab.report import write_report
+
+    data = load_mnist("test")
+    report = write_report(tiny_run, data.subset(np.arange(500), "mnist:test[:500]"), tmp_path / "report.html")
+    context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=1,
+                                  has_touch=True, is_mobile=True)
+    try:
+        page = context.new_page()
+        page.goto(report.as_uri(), wait_until="load")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390, "no sideways scrolling"
+        sizes = page.evaluate("[...document.querySelectorAll('.mistakes figcaption')]"
+                              ".map(e => parseFloat(getComputedStyle(e).fontSize))")
+        assert sizes and min(sizes) >= 11, sizes
+    finally:
+        context.close()

@@ -243,3 +243,20 @@ def test_int8_predictor_agrees_with_fp32(tiny_run, mnist_test) -> None:
     assert int8.precision == "int8"
     agreement = (int8.predict_proba(images).argmax(1) == fp32).mean()
     assert agreement >= 0.99
+
+
+def test_predictions_carry_uncertain_and_reason_in_json_and_csv_not_kaggle() -> None:
+    from digitlab.predict import predictions_csv, predictions_from_proba, predictions_json, submission_csv
+
+    images = np.zeros((2, 28, 28), np.uint8)
+    images[1, 4:24, 12:16] = 255  # a "1"
+    probs = np.full((2, 10), 0.01, np.float32)
+    probs[:, 1] = 0.91
+    preds = predictions_from_proba(probs, ["blank", "one"], images=images, min_confidence=0.5)
+    assert [(p.uncertain, p.reason) for p in preds] == [(True, "too little ink"), (False, None)]
+    records = json.loads(predictions_json(preds))
+    assert records[0]["uncertain"] is True and records[0]["reason"] == "too little ink"
+    rows = list(csv.DictReader(io.StringIO(predictions_csv(preds))))
+    assert (rows[0]["uncertain"], rows[0]["reason"]) == ("true", "too little ink")
+    assert (rows[1]["uncertain"], rows[1]["reason"]) == ("false", "")
+    assert submission_csv([p.digit for p in preds], 2) == "ImageId,Label\n1,1\n2,1\n"

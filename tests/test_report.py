@@ -40,15 +40,18 @@ def embedded_pngs(html: str) -> list[bytes]:
 def test_every_figure_embedded_and_saved(report: Path) -> None:
     html = report.read_text()
     pngs = embedded_pngs(html)
-    assert len(pngs) == len(FIGURE_FILES) == 5
+    figures = [png for png in pngs if Image.open(io.BytesIO(png)).size[0] > 300]
+    # every figure but the mistakes grid (HTML tiles with text captions, 28x28 images) is embedded
+    assert len(figures) == len(FIGURE_FILES) - 1 == 5
     for section in REPORT_SECTIONS:
         assert f'<section id="{section}">' in html
-    for name in FIGURE_FILES.values():
+    for key, name in FIGURE_FILES.items():
         path = report.parent / name
         assert path.is_file() and path.read_bytes().startswith(PNG_MAGIC)
-        assert path.read_bytes() in pngs  # the file beside the HTML is the very figure embedded
-    for png in pngs:
-        assert Image.open(io.BytesIO(png)).size[0] > 300
+        if key != "mistakes":
+            assert path.read_bytes() in figures  # the file beside the HTML is the very figure embedded
+    tiles = [png for png in pngs if Image.open(io.BytesIO(png)).size == (28, 28)]
+    assert len(tiles) == len(pngs) - len(figures) > 0
 
 
 def test_self_contained(report: Path) -> None:
@@ -77,7 +80,8 @@ def test_cli_default_out(tiny_run: Path, tmp_path: Path, eval_data: DigitData,
     assert main(["report", str(run), "--data", f"idx:{tmp_path / 'idx'}:test"]) == 0
     out = run / "report" / "report.html"
     assert f"wrote {out}" in capsys.readouterr().out
-    assert len(embedded_pngs(out.read_text())) == 5
+    figures = [p for p in embedded_pngs(out.read_text()) if Image.open(io.BytesIO(p)).size[0] > 300]
+    assert len(figures) == len(FIGURE_FILES) - 1  # all but the mistakes grid, which is HTML
     assert all((run / "report" / name).is_file() for name in FIGURE_FILES.values())
 
 
@@ -87,7 +91,8 @@ def test_ensemble_report(tiny_run: Path, eval_data: DigitData, tmp_path: Path) -
     ensemble.mkdir()
     (ensemble / "ensemble.json").write_text(json.dumps({"members": [str(tiny_run), str(tiny_run)]}))
     html = write_report(ensemble, eval_data.subset(np.arange(200))).read_text()
-    assert "ensemble of 2" in html and len(embedded_pngs(html)) == 5
+    figures = [p for p in embedded_pngs(html) if Image.open(io.BytesIO(p)).size[0] > 300]
+    assert "ensemble of 2" in html and len(figures) == 4  # an uncalibrated ensemble: no reliability figure
     assert "Showing 2 of 2 members" in html
 
 
@@ -120,3 +125,37 @@ def test_report_renders_in_chromium(report: Path, tmp_path: Path) -> None:
     # the sample grid and confusion matrix put large dark areas on the page; a page whose images
     # failed to load would be nearly all white text background
     assert (pixels < 60).mean() > 0.02
+
+
+def test_per_class_chart_legend_clear_of_bars_and_counts_on_both_series(tiny_run: Path,
+                                                                        eval_data: DigitData) -> None:
+    from digitlab.evaluate import evaluate_run
+    from digitlab.inference import load_predictor
+    from digitlab.report import per_class_error_figure
+
+    result = evaluate_run(load_predictor(tiny_run), eval_data)
+    fig = per_class_error_figure(result)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    for bar in ax.patches:
+        assert not legend.overlaps(bar.get_window_extent()), "the legend covers a bar"
+    counts = [int(t.get_text()) for t in ax.texts]
+    missed = result.confusion.sum(axis=1) - np.diag(result.confusion)
+    false = result.confusion.sum(axis=0) - np.diag(result.confusion)
+    assert sorted(counts) == sorted([*missed.tolist(), *false.tolist()])
+
+
+def test_train_and_validation_curves_differ_in_colour(tiny_run: Path) -> None:
+    from digitlab.report import training_curves_figure
+    from digitlab.train import read_metrics
+
+    fig = training_curves_figure({"run": read_metrics(tiny_run)})
+    lines = {line.get_label(): line.get_color() for line in fig.axes[1].get_lines()}
+    assert lines["train"] != lines["validation"]
+
+
+def test_calibration_section_shows_ece_before_and_after(report: Path) -> None:
+    html = report.read_text()
+    section = html[html.index('<section id="calibration">'):]
+    assert "before" in section and "after" in section and "Temperature" in section

@@ -234,7 +234,19 @@ def test_truncated_image(client: TestClient) -> None:
 
 def test_empty_and_blank_upload(client: TestClient) -> None:
     _assert_error(_upload(client, b""), 422, "the uploaded file is empty")
-    _assert_error(_upload(client, _encode(Image.new("L", (64, 64), 255))), 422, "no ink found (blank image)")
+
+    blank_upload = _upload(client, _encode(Image.new("L", (64, 64), 255)))
+    blank_json = client.post("/v1/predict", json={"pixels": [0] * 784})
+    assert blank_upload.status_code == blank_json.status_code == 200
+    assert blank_upload.json() == blank_json.json()  # one answer for "nothing drawn", however it arrives
+    assert blank_json.json()["uncertain"] is True
+    assert blank_json.json()["reason"] == "too little ink"
+
+
+def test_a_drawn_digit_is_not_flagged_as_too_little_ink(client: TestClient) -> None:
+    body = _upload(client, _encode(_drawn_one())).json()
+    assert body["reason"] != "too little ink"
+    assert isinstance(body["uncertain"], bool)
 
 
 def test_upload_in_the_wrong_field(client: TestClient) -> None:

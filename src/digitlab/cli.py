@@ -441,6 +441,30 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    calibrate = sub.add_parser(
+        "calibrate", help="fit a run's temperature (honest probabilities) on held-out data",
+        description="Fit one temperature on the run's validation split (or --data) by minimising the "
+        "negative log-likelihood and store it in RUN_DIR/calibration.json; predict, serve, evaluate and "
+        "export apply it. `digitlab train` does this itself; use it for older runs and ensembles.",
+    )
+    calibrate.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (or ensemble folder)")
+    calibrate.add_argument("--data", default=None, metavar="SRC", help="labelled source to fit on (default: "
+                           "the run's own validation split); never the test set you report on")
+    calibrate.set_defaults(handler=_run_calibrate)
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from digitlab.calibration import calibrate_run
+
+    c = calibrate_run(args.run_dir, args.data)
+    print(f"temperature {c['temperature']:.3f} on {c['count']:,} images of {c['source']}: "
+          f"NLL {c['nll_before']:.4f} -> {c['nll_after']:.4f}, "
+          f"ECE {100 * c['before']['ece']:.2f}% -> {100 * c['after']['ece']:.2f}%; "
+          f"wrote {args.run_dir / 'calibration.json'}")
+    return 0
+
+
 # ---------------------------------------------------------------- evaluate, report, predict
 
 
@@ -594,6 +618,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_augment_preview,
     _add_serve,
     _add_export,
+    _add_calibrate,
     _add_evaluate,
     _add_report,
     _add_predict,

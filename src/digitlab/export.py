@@ -217,11 +217,13 @@ class OnnxPredictor:
         return np.concatenate(out)
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        """(N, 10) float32 softmax probabilities."""
+        """(N, 10) float32 softmax probabilities (temperature-scaled if the run was calibrated)."""
+        from digitlab.calibration import apply_run_calibration
+
         logits = self.logits(images)
         logits = logits - logits.max(axis=1, keepdims=True)  # stable softmax
         exp = np.exp(logits)
-        return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+        return apply_run_calibration((exp / exp.sum(axis=1, keepdims=True)).astype(np.float32), self.meta)
 
 
 def onnx_session(model: bytes | str, threads: int | None = None) -> Any:
@@ -266,6 +268,7 @@ def load_onnx_predictor(path: str | Path, batch_size: int = 2048, threads: int |
     For a folder, RUN_DIR/model.onnx is used when present and newer than the weights;
     otherwise the model is exported in memory (nothing is written into the run folder).
     """
+    from digitlab.calibration import calibration_meta
     from digitlab.inference import load_predictor
 
     path = Path(path)
@@ -277,7 +280,7 @@ def load_onnx_predictor(path: str | Path, batch_size: int = 2048, threads: int |
     if not path.is_dir():
         raise DigitlabError(f"{path}: no such run folder or .onnx file")
     meta = load_predictor(path, precision="fp32").meta if is_ensemble(path) else _read_meta(path)
-    meta = {**meta, "fingerprint": model_fingerprint(meta)}
+    meta = {**meta, "fingerprint": model_fingerprint(meta), **calibration_meta(path)}
     onnx_path = path / ONNX_FILE
     if _is_fresh(onnx_path, path) and _exported_from(onnx_path, meta):
         log.info("using %s", onnx_path)

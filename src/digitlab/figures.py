@@ -137,11 +137,13 @@ def draw_epoch_curves(ax_loss: Axes, ax_acc: Axes, records: Records | dict[str, 
         if not epochs:
             log.info("%s: no epoch records", name)
         for key, style, what in (("train", "--", "train"), ("val", "-", "validation")):
+            # one run: train and validation in two colours; several: a colour per run, a style per split
+            line_colour = (_colours()[0] if key == "train" else _colours()[1]) if single else colour
             for ax, metric in ((ax_loss, f"{key}_loss"), (ax_acc, f"{key}_acc")):
                 points = [(r["epoch"], r[metric]) for r in epochs if metric in r]
                 if points:
-                    ax.plot(*zip(*points, strict=True), style, marker="o", ms=4, color=colour,
-                            label=f"{label}{what}")
+                    ax.plot(*zip(*points, strict=True), style, marker="o" if key == "val" else "s", ms=4,
+                            color=line_colour, label=f"{label}{what}")
     ax_loss.set(title="loss per epoch", xlabel="epoch", ylabel="cross-entropy")
     ax_acc.set(title="accuracy per epoch", xlabel="epoch", ylabel="accuracy")
     for ax in (ax_loss, ax_acc):
@@ -216,17 +218,20 @@ def per_class_error_figure(result) -> Figure:
     digits = np.arange(len(result.per_class))
     missed = np.array([100 * (1 - c.recall) for c in result.per_class])
     false = np.array([100 * (1 - c.precision) for c in result.per_class])
-    wrong = result.confusion.sum(axis=1) - np.diag(result.confusion)
-    fig = Figure(figsize=(9, 4))
+    missed_n = result.confusion.sum(axis=1) - np.diag(result.confusion)
+    false_n = result.confusion.sum(axis=0) - np.diag(result.confusion)
+    fig = Figure(figsize=(9, 4.6))
     ax = fig.subplots()
     ax.bar(digits - 0.2, missed, width=0.4, label="missed: true digit predicted as another (1 - recall)")
     ax.bar(digits + 0.2, false, width=0.4, label="wrong: predicted digit was another (1 - precision)")
-    for d in digits:
-        ax.text(d - 0.2, missed[d], f"{wrong[d]}", ha="center", va="bottom", fontsize=8)
+    for d in digits:  # both series carry their image counts
+        ax.text(d - 0.2, missed[d], f"{missed_n[d]}", ha="center", va="bottom", fontsize=8)
+        ax.text(d + 0.2, false[d], f"{false_n[d]}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(digits)
-    ax.set(xlabel="digit", ylabel="error rate (%)",
-           title="errors per class (numbers: misclassified images of that digit)")
-    ax.legend(fontsize=8)
+    ax.set(xlabel="digit", ylabel="error rate (%)", title="errors per class (numbers: images)")
+    ax.margins(y=0.12)  # room for the counts above the tallest bar
+    # below the axes, where it can cover no bar
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
@@ -263,6 +268,31 @@ def mistakes_figure(images: np.ndarray, mistakes: list, n: int = 40, cols: int =
 
 
 # ---------------------------------------------------------------- writing
+
+
+def reliability_figure(calibration: dict[str, Any]) -> Figure:
+    """Reliability diagram before/after temperature scaling, from a run's calibration.json."""
+    fig = Figure(figsize=(10, 4.4))
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, key, what in ((axes[0], "before", "before"), (axes[1], "after", "after temperature scaling")):
+        r = calibration[key]
+        edges, count = np.array(r["edges"]), np.array(r["count"])
+        centres, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+        used = count > 0
+        ax.bar(centres[used], np.array(r["accuracy"])[used], width=width[used], edgecolor="k", lw=0.5,
+               color="#4c78a8", label="accuracy in bin")
+        ax.plot([0, 1], [0, 1], "--", color="0.4", lw=1, label="perfect calibration")
+        ax.plot(np.array(r["confidence"])[used], np.array(r["accuracy"])[used], "o", color="#e45756", ms=4,
+                label="mean confidence in bin")
+        ax.set(title=f"{what}: ECE {100 * r['ece']:.2f}%", xlabel="confidence (top probability)",
+               xlim=(0, 1), ylim=(0, 1))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"reliability on {calibration.get('source', '?')} ({calibration.get('count', 0):,} images), "
+                 f"temperature {calibration['temperature']:.3f}", fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def figure_png(fig: Figure, dpi: int = 100) -> bytes:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from digitlab.augment import rotate, translate
+from digitlab.calibration import apply_run_calibration, calibration_meta
 from digitlab.checkpoint import load_model
 from digitlab.errors import DigitlabError
 from digitlab.rundir import ENSEMBLE_FILE, MODEL_META, ensemble_members, is_ensemble
@@ -69,13 +70,11 @@ class Predictor:
         return np.stack(out)
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        """(N, 10) float32 probabilities: the (weighted) mean over members."""
+        """(N, 10) float32 probabilities: the (weighted) mean over members, temperature-scaled if calibrated."""
         weights = self.weights
         probs = self.member_proba(images)
-        if weights is None:
-            return probs.mean(axis=0)
-        return np.tensordot(weights.astype(np.float32), probs, axes=1)
-
+        mean = probs.mean(axis=0) if weights is None else np.tensordot(weights.astype(np.float32), probs, axes=1)
+        return apply_run_calibration(mean, self.meta)
 
 def member_weights(meta: dict[str, Any], members: int) -> np.ndarray | None:
     """The ensemble's member weights (summing to 1), checked against the number of members."""
@@ -142,9 +141,10 @@ def _check_images(images: np.ndarray) -> np.ndarray:
 
 
 def load_predictor(path: str | Path, precision: str = "auto", device: str = "cpu",
-                   batch_size: int = 256) -> Predictor:
+                   batch_size: int = 256, calibrated: bool = True) -> Predictor:
     """A run folder (model.safetensors + model.json) or an ensemble folder (ensemble.json), in torch.
 
+    `calibrated`: apply the folder's calibration.json temperature (if any) to the probabilities.
     (ONNX Runtime: `digitlab.export.open_predictor(path, backend="onnx")`.)
     """
     path = Path(path)
@@ -161,6 +161,8 @@ def load_predictor(path: str | Path, precision: str = "auto", device: str = "cpu
         models = [model]
     else:
         raise DigitlabError(f"{path}: neither a run folder (model.json) nor an ensemble ({ENSEMBLE_FILE})")
+    if calibrated:
+        meta.update(calibration_meta(path))
     dev = resolve_device(device)
     if precision == "int8":
         if dev.type != "cpu":

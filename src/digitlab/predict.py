@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from digitlab.abstain import abstain_reasons, min_confidence
+from digitlab.calibration import DEFAULT_MIN_CONFIDENCE
 from digitlab.checkpoint import atomic_write_bytes
 from digitlab.data.idx import read_idx
 from digitlab.data.images import IMAGE_SUFFIXES
@@ -50,6 +52,8 @@ class Prediction:
     probability: float
     top_k: list[tuple[int, float]]  # (digit, probability), most likely first
     seen_in_training: bool | None = None  # the image is one the run trained on; None: not known
+    uncertain: bool = False  # do not trust `digit`: see `reason` (digitlab.abstain)
+    reason: str | None = None  # too little ink, not digit-shaped, several digits, low confidence
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -190,11 +194,15 @@ def top_k(probs: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
     return [[(int(d), float(p[d])) for d in row] for row, p in zip(order, probs, strict=True)]
 
 
-def predictions_from_proba(probs: np.ndarray, names: Sequence[str], k: int = 3) -> list[Prediction]:
+def predictions_from_proba(probs: np.ndarray, names: Sequence[str], k: int = 3,
+                           images: np.ndarray | None = None,
+                           min_confidence: float = DEFAULT_MIN_CONFIDENCE) -> list[Prediction]:
+    """With `images` (what the model saw) each prediction also says whether to trust it."""
     labels = probs.argmax(axis=1)
+    reasons = abstain_reasons(images, probs, min_confidence) if images is not None else [None] * len(probs)
     return [
-        Prediction(name, int(label), float(p[label]), tops)
-        for name, label, p, tops in zip(names, labels, probs, top_k(probs, k), strict=True)
+        Prediction(name, int(label), float(p[label]), tops, reason is not None, reason)
+        for name, label, p, tops, reason in zip(names, labels, probs, top_k(probs, k), reasons, strict=True)
     ]
 
 
@@ -220,7 +228,7 @@ def predict_inputs(
         images = np.concatenate([b.images for b in batches])
         names = [n for b in batches for n in b.names]
         probs = predict_proba(predictor, images, tta)
-        predictions = predictions_from_proba(probs, names, top_k)
+        predictions = predictions_from_proba(probs, names, top_k, images, min_confidence(predictor.meta))
         if isinstance(run, str | Path) and Path(run).is_dir():
             _mark_seen(predictions, images, Path(run), notes)
     log.info("predicted %d images from %d inputs (%d errors)", len(predictions), len(batches), len(errors))
@@ -247,13 +255,14 @@ def _mark_seen(predictions: list[Prediction], images: np.ndarray, run_dir: Path,
 
 
 def predictions_csv(predictions: Sequence[Prediction]) -> str:
-    """source,digit,probability,top_k with top_k as 'digit:probability' pairs, space-separated."""
+    """source,digit,probability,top_k,uncertain,reason; top_k as 'digit:probability' pairs, space-separated."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["source", "digit", "probability", "top_k"])
+    writer.writerow(["source", "digit", "probability", "top_k", "uncertain", "reason"])
     for p in predictions:
         tops = " ".join(f"{d}:{q:.4f}" for d, q in p.top_k)
-        writer.writerow([p.source, p.digit, f"{p.probability:.4f}", tops])
+        writer.writerow([p.source, p.digit, f"{p.probability:.4f}", tops, str(p.uncertain).lower(),
+                         p.reason or ""])
     return out.getvalue()
 
 

@@ -31,6 +31,10 @@ FLOOR_FRACTION = 0.05  # ...and fainter than this are paper texture / JPEG noise
 MIN_CONTRAST = 24 / 255  # less ink-to-background contrast than this counts as a blank image
 
 
+class BlankImageError(DigitlabError):
+    """The image holds no ink (callers that answer "too little ink" instead of failing catch it)."""
+
+
 def _has_alpha(image: Image.Image | np.ndarray) -> bool:
     if isinstance(image, Image.Image):
         return has_alpha(image)
@@ -71,7 +75,7 @@ def _ink(grey: np.ndarray, name: str) -> np.ndarray:
     ink = np.clip(ink, 0.0, None)
     peak = float(ink.max())
     if peak < MIN_CONTRAST:
-        raise DigitlabError(f"{name}: no ink found (blank image)")
+        raise BlankImageError(f"{name}: no ink found (blank image)")
     ink /= peak  # a grey pencil line becomes as strong as MNIST's pen strokes
     ink[ink < FLOOR_FRACTION] = 0.0
     return ink
@@ -119,7 +123,7 @@ def mnist_style(image: Image.Image | np.ndarray, *, name: str = "image") -> np.n
     """
     try:
         ink = _ink(_grey(image), name)
-    except DigitlabError:
+    except BlankImageError:
         if not _has_alpha(image):
             raise
         # white (light) ink on a transparent background vanishes on white: try a black matte

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import logging
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from PIL import Image
 
 from digitlab import figures as draw
 from digitlab.data.dataset import DigitData
@@ -24,6 +28,7 @@ from digitlab.figures import (  # noqa: F401
     figure_png,
     mistakes_figure,
     per_class_error_figure,
+    reliability_figure,
     sample_grid_figure,
     save_augment_preview,
     save_figure,
@@ -37,14 +42,15 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- the HTML report
 
-REPORT_SECTIONS = ("summary", "samples", "training", "confusion", "per-class", "mistakes", "model",
-                   "config", "run-info")
+REPORT_SECTIONS = ("summary", "samples", "training", "confusion", "per-class", "mistakes", "calibration",
+                   "model", "config", "run-info")
 FIGURE_FILES = {
     "samples": "samples.png",
     "training": "training_curves.png",
     "confusion": "confusion_matrix.png",
     "per-class": "per_class_errors.png",
     "mistakes": "mistakes.png",
+    "calibration": "reliability.png",
 }
 
 _CSS = """
@@ -57,10 +63,17 @@ h1 { margin-bottom: 0.1em; } h2 { border-bottom: 1px solid #d8dce4; padding-bott
 .card .v { font-size: 1.5em; font-weight: 600; } .card .k { color: #5a6272; font-size: 0.85em; }
 img { max-width: 100%; height: auto; border: 1px solid #e4e7ee; border-radius: 4px; }
 pre { background: #f6f8fa; padding: 0.8em; overflow-x: auto; font-size: 0.82em; border-radius: 6px; }
-table { border-collapse: collapse; font-size: 0.9em; }
+table { border-collapse: collapse; font-size: 0.9em; display: block; max-width: 100%; overflow-x: auto; }
+table.kv td { overflow-wrap: anywhere; }
+@media (max-width: 600px) { body { padding: 0.8em; } td, th { padding: 0.25em 0.5em; } }
+.mistakes { display: grid; grid-template-columns: repeat(auto-fill, minmax(7.5em, 1fr)); gap: 0.6em; }
+.mistakes figure { margin: 0; text-align: center; }
+.mistakes img { width: 84px; height: 84px; image-rendering: pixelated; border: 0; }
+.mistakes figcaption { font-size: 0.8em; line-height: 1.3; font-variant-numeric: tabular-nums; }
+.mistakes .top3 { color: #5a6272; }
 td, th { padding: 0.25em 0.8em; border-bottom: 1px solid #e4e7ee; text-align: right; }
 th { background: #f3f5f9; } td:first-child, th:first-child { text-align: left; }
-nav a { margin-right: 0.9em; }
+nav { display: flex; flex-wrap: wrap; gap: 0.2em 0.9em; }  /* the links sit with no space between them */
 table.kv td { text-align: left; font-family: ui-monospace, monospace; }
 table.kv td:first-child { font-family: inherit; color: #5a6272; }
 """
@@ -91,6 +104,36 @@ def _run_folders(run_dir: Path) -> list[Path]:
     from digitlab.rundir import ensemble_members, is_ensemble
 
     return ensemble_members(run_dir) if is_ensemble(run_dir) else [run_dir]
+
+
+def calibration_section(run_dir: Path, png: bytes | None) -> str:
+    """The report's calibration section: the reliability diagram, or how to get one."""
+    calibration = _read_json(Path(run_dir) / "calibration.json")
+    if not calibration or png is None:
+        return ('<section id="calibration"><h2>Calibration</h2><p>Not calibrated: run '
+                f"<code>digitlab calibrate {_esc(run_dir)}</code>.</p></section>")
+    before, after = calibration["before"]["ece"], calibration["after"]["ece"]
+    return (f'<section id="calibration"><h2>Calibration</h2><p>Temperature '
+            f"{calibration['temperature']:.3f}, fitted on {_esc(calibration.get('source'))} (never the test set): "
+            f"expected calibration error {100 * before:.2f}% before, {100 * after:.2f}% after; negative "
+            f"log-likelihood {calibration['nll_before']:.4f} -> {calibration['nll_after']:.4f}. Predictions "
+            f"apply the temperature.</p>{_img(png, 'reliability diagram', FIGURE_FILES['calibration'])}</section>")
+
+
+def mistakes_html(images: np.ndarray, mistakes: list, n: int = 40) -> str:
+    """The most confident mistakes as HTML tiles: captions are text, readable at any screen width."""
+    if not mistakes:
+        return "<p>No misclassified images.</p>"
+    tiles = []
+    for m in mistakes[:n]:
+        buf = io.BytesIO()
+        Image.fromarray(np.asarray(images[m.index], dtype=np.uint8)).save(buf, format="PNG")
+        src = base64.b64encode(buf.getvalue()).decode("ascii")
+        top3 = " ".join(f"{d}:{p:.2f}" for d, p in m.top3)
+        tiles.append(f'<figure><img src="data:image/png;base64,{src}" alt="image #{m.index}">'
+                     f"<figcaption>true {m.true} &rarr; {m.predicted} (p={m.probability:.2f})<br>"
+                     f'<span class="top3">{_esc(top3)}</span><br>#{m.index}</figcaption></figure>')
+    return f'<div class="mistakes">{"".join(tiles)}</div>'
 
 
 def _fmt_seconds(seconds: float | None) -> str:
@@ -149,6 +192,9 @@ def write_report(run_dir: str | Path, data: str | DigitData | None = None, out: 
     }
     if histories:
         figures["training"] = draw.figure_png(draw.training_curves_figure(histories))
+    calibration = _read_json(run_dir / "calibration.json")
+    if calibration and "before" in calibration:
+        figures["calibration"] = draw.figure_png(draw.reliability_figure(calibration))
     out.parent.mkdir(parents=True, exist_ok=True)
     for key, png in figures.items():
         (out.parent / FIGURE_FILES[key]).write_bytes(png)
@@ -225,7 +271,9 @@ def write_report(run_dir: str | Path, data: str | DigitData | None = None, out: 
 </section>
 <section id="mistakes"><h2>Misclassified digits</h2>
 <p>{min(max_mistakes, result.errors)} of {result.errors} mistakes, most confident first; under each, the
-three most likely digits with their probabilities.</p>{figure("mistakes", "misclassified digits")}</section>
+three most likely digits with their probabilities ({FIGURE_FILES["mistakes"]} beside this page shows the
+same as one picture).</p>{mistakes_html(data.images, result.misclassified, max_mistakes)}</section>
+{calibration_section(run_dir, figures.get("calibration"))}
 <section id="model"><h2>Model</h2><pre>{_esc(summary_text(predictor.models[0], title))}</pre></section>
 <section id="config"><h2>Training configuration</h2><pre>{_esc(json.dumps(train_cfg, indent=2))}</pre></section>
 <section id="run-info"><h2>Data, versions and timings</h2>{_kv_table(run_info)}</section>

@@ -659,6 +659,17 @@ def _validate(run: _Run) -> dict[str, float]:
     return {"val_loss": val_loss, "val_acc": val_acc, "eval_seconds": time.perf_counter() - t0}
 
 
+def _calibrate(run: _Run, model: nn.Module) -> None:
+    """Fit the temperature on the validation split (never the test set) into calibration.json."""
+    from digitlab.calibration import calibrate_probs, save_calibration
+
+    assert run.val_images is not None and run.val_labels is not None
+    logits = predict_logits(model, run.val_images, run.config.eval_batch_size, "fp32", run.device)
+    val_probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
+    save_calibration(run.run_dir, calibrate_probs(val_probs, run.val_labels.cpu().numpy(),
+                                                  run.data_info["val_source"]))
+
+
 def _finish(run: _Run) -> RunResult:
     """Write the final (EMA) weights with their metadata; every rank leaves together."""
     config, ctx = run.config, run.ctx
@@ -678,6 +689,8 @@ def _finish(run: _Run) -> RunResult:
             "precision": run.trainer.precision,
             "world_size": ctx.world_size,
         })
+        if run.val_images is not None and run.val_labels is not None:
+            _calibrate(run, final_model)
     distributed.barrier(ctx)
     distributed.shutdown(ctx)
     run.emit({"event": "end", "run_dir": str(run.run_dir), "final": final, "train_seconds": train_seconds})

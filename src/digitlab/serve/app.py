@@ -35,6 +35,8 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 from starlette.requests import ClientDisconnect
 
+from digitlab.abstain import abstain_reasons, min_confidence
+from digitlab.calibration import DEFAULT_MIN_CONFIDENCE
 from digitlab.data.images import upright
 from digitlab.errors import DigitlabError
 from digitlab.serve.docs import add_offline_docs
@@ -84,6 +86,9 @@ class PredictionOut(BaseModel):
     digit: int = Field(description="the most probable class")
     probability: float = Field(description="its probability")
     probabilities: list[float] = Field(description="all ten class probabilities, index = digit")
+    uncertain: bool = Field(description="true: do not trust `digit` (not a digit, or the model is unsure)")
+    reason: str | None = Field(description="why, when uncertain: too little ink, not digit-shaped, several "
+                               "digits, low confidence")
     image: list[list[int]] = Field(description="the 28x28 uint8 image the model saw (white ink on black)")
 
 
@@ -366,15 +371,19 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _predictions(probs: np.ndarray, images: np.ndarray) -> list[dict[str, Any]]:
+def _predictions(probs: np.ndarray, images: np.ndarray, min_confidence: float = DEFAULT_MIN_CONFIDENCE
+                 ) -> list[dict[str, Any]]:
     """Response objects; plain Python on lists, for the same reason as in _pixel_array."""
     out = []
-    for p, image in zip(probs.tolist(), images.tolist(), strict=True):
+    reasons = abstain_reasons(images, probs, min_confidence)
+    for p, image, reason in zip(probs.tolist(), images.tolist(), reasons, strict=True):
         digit = max(range(len(p)), key=p.__getitem__)
         out.append({
             "digit": digit,
             "probability": round(p[digit], 6),
             "probabilities": [round(v, 6) for v in p],
+            "uncertain": reason is not None,
+            "reason": reason,
             "image": image,
         })
     return out
@@ -433,25 +442,29 @@ def create_app(model: str | Path | ProbabilityModel, *, backend: str = "onnx", l
     lone request takes ~1 ms instead of ~2 ms.
     `torch_threads` sets torch's intra-op threads on the inference thread (None: leave as is).
     """
-    from digitlab.preprocess import mnist_style
+    from digitlab.preprocess import BlankImageError, mnist_style
 
     limits = limits or Limits()
     predictor = _load(model, backend)
     inference = BatchingPredictor(predictor, torch_threads=torch_threads)
     inference.predict_proba_blocking(np.zeros((1, 28, 28), np.uint8))  # warm-up: the first pass is slow
     info = model_info(predictor, limits)
+    threshold = min_confidence(predictor.meta)
 
     def preprocess_upload(data: bytes, large: bool) -> np.ndarray:
         image = decode_upload(data, limits)
         try:
             return mnist_style(image, name="upload")[None]  # (1, 28, 28)
+        except BlankImageError:
+            # answered as the blank 28x28 JSON image is: the model's guess, flagged "too little ink"
+            return np.zeros((1, 28, 28), np.uint8)
         finally:
             del image
             if large:
                 trim_heap()
 
     def render(probs: np.ndarray, images: np.ndarray, batch: bool) -> bytes:
-        predictions = _predictions(probs, images)
+        predictions = _predictions(probs, images, threshold)
         return json.dumps({"predictions": predictions} if batch else predictions[0],
                           separators=(",", ":")).encode()
 

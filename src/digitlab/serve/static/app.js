@@ -99,7 +99,15 @@ function endStroke() {
 pad.addEventListener("pointerup", endStroke);
 pad.addEventListener("pointercancel", endStroke);
 
-document.getElementById("clear").addEventListener("click", clear);
+// Clear acts on pointerup: on a phone, a tap right after a quick stroke may never become a
+// "click" (the browser can fold it into the stroke's gesture); click stays for the keyboard.
+const clearButton = document.getElementById("clear");
+clearButton.addEventListener("pointerup", (event) => {
+  if (event.button === 0 || event.pointerType !== "mouse") clear();
+});
+clearButton.addEventListener("click", (event) => {
+  if (event.detail === 0) clear(); // Enter/Space; pointer clicks were handled on pointerup
+});
 document.addEventListener("keydown", (event) => {
   if (event.key === "Escape" || event.key === "Delete") clear();
 });
@@ -159,19 +167,40 @@ async function predict() {
   }
 }
 
+// The one way a probability is written, in the sentence and on the bars alike: one decimal,
+// never "100%" or "0%" for what is only nearly certain or nearly impossible.
+function percent(p) {
+  if (p >= 1) return "100%";
+  if (p <= 0) return "0%";
+  if (p >= 0.9995) return ">99.9%";
+  if (p < 0.0005) return "<0.1%";
+  return `${(100 * p).toFixed(1)}%`;
+}
+
+const UNSURE_TEXT = {
+  "too little ink": "That doesn't look like a digit (too little ink)",
+  "not digit-shaped": "That doesn't look like a digit",
+  "several digits": "That looks like several digits: draw one",
+  "low confidence": "Not sure: that doesn't look like any one digit",
+};
+
 function show(result) {
   const best = result.digit;
-  digitEl.textContent = String(best);
-  confidenceEl.textContent = `${(100 * result.probability).toFixed(1)}% sure`;
+  const unsure = result.uncertain === true;
+  digitEl.textContent = unsure ? "?" : String(best);
+  confidenceEl.textContent = unsure
+    ? UNSURE_TEXT[result.reason] || "That doesn't look like a digit"
+    : `${percent(result.probability)} sure`;
+  document.body.dataset.uncertain = unsure ? "1" : "0";
   result.probabilities.forEach((p, d) => {
     bars[d].fill.style.width = `${(100 * p).toFixed(1)}%`;
-    bars[d].pct.textContent = `${(100 * p).toFixed(p >= 0.995 || p < 0.0005 ? 0 : 1)}%`;
-    bars[d].li.classList.toggle("best", d === best);
+    bars[d].pct.textContent = percent(p);
+    bars[d].li.classList.toggle("best", d === best && !unsure);
   });
   drawSeen(result.image);
   showStatus("");
-  // for tests and curious readers: the latest shown answer
-  document.body.dataset.digit = String(best);
+  // for tests and curious readers: the latest shown answer ("?" when unsure)
+  document.body.dataset.digit = unsure ? "?" : String(best);
   document.body.dataset.predictions = String(Number(document.body.dataset.predictions || 0) + 1);
 }
 
@@ -197,6 +226,7 @@ function showEmpty() {
   seenCtx.fillRect(0, 0, 28, 28);
   showStatus("");
   delete document.body.dataset.digit;
+  delete document.body.dataset.uncertain;
 }
 
 function showStatus(text) {
