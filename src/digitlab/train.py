@@ -634,5 +634,7 @@ def _read_run_config(run_dir: Path) -> TrainConfig:
         raise DigitlabError(f"{path}: missing; not a digitlab run folder")
     try:
         return TrainConfig.from_dict(json.loads(path.read_text())["config"]).validate()
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise DigitlabError(f"{path}: corrupt run config ({exc})") from None
+    except DigitlabError as exc:
+        raise DigitlabError(f"{path}: {exc}") from None
+    except (ValueError, KeyError, TypeError, OSError) as exc:  # ValueError: bad JSON or not UTF-8
+        raise DigitlabError(f"{path}: corrupt run config ({exc.__class__.__name__}: {exc})") from None
