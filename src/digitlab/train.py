@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -244,9 +245,14 @@ class MetricsLog:
         self._pending.append(json.dumps(record))
 
     def flush(self) -> None:
+        """Append and fsync the pending records. Called before each checkpoint is renamed into
+        place, so the metrics are never behind the checkpoint (records past it are dropped by
+        `truncate_to` on resume)."""
         if self._pending:
             with self.path.open("a") as fh:
                 fh.write("\n".join(self._pending) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
             self._pending.clear()
 
     def truncate_to(self, epoch: int, step: int) -> None:
@@ -457,16 +463,19 @@ def fit(
         for cb in callbacks:
             cb(event)
 
+    restart = False  # a fresh run in a folder left by a run that failed before its first checkpoint
     if resume is not None:
         run_dir = Path(resume)
         config = _read_run_config(run_dir)
+        if not (run_dir / ckpt.STATE_FILE).exists() and not (run_dir / ckpt.MODEL_FILE).exists():
+            raise DigitlabError(f"{run_dir}: no checkpoint to resume from (the run stopped before its first "
+                                f"epoch ended); start it afresh with --out {run_dir}")
     else:
         if config is None:
             raise DigitlabError("fit needs a config or a run folder to resume")
         config = config.validate()
         run_dir = Path(out_dir) if out_dir is not None else _default_run_dir(config.preset)
-        if (run_dir / CONFIG_FILE).exists():
-            raise DigitlabError(f"{run_dir}: already holds a run; use --resume {run_dir} or another --out")
+        restart = _unstarted_run(run_dir)
     if config.batch_size % ctx.world_size:
         raise DigitlabError(f"batch size {config.batch_size} does not split evenly over {ctx.world_size} processes")
 
@@ -531,6 +540,10 @@ def fit(
             metrics.truncate_to(start_epoch, pos["step"])
         log.info("resuming %s at epoch %d step %d", run_dir, start_epoch, pos["step"])
     elif ctx.is_main:
+        if restart:
+            log.warning("%s: holds a config.json but no checkpoint (a run that stopped before its first epoch "
+                        "ended); starting afresh there", run_dir)
+            (run_dir / METRICS_FILE).unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_json(run_dir / CONFIG_FILE, {
             "config": config.to_dict(),
@@ -573,11 +586,11 @@ def fit(
 
             finished = train_one_epoch(trainer, images, labels, state, stop, on_batch if ctx.is_main else None)
             if not finished:
+                if ctx.is_main:
+                    metrics.flush()  # before the checkpoint: a kill between the two loses no record
                 save_state({"epoch": epoch, "step": state.step, "loss_sum": state.loss_sum,
                             "correct": state.correct, "seen": state.seen,
                             "train_seconds": state.train_seconds}, state.perm)
-                if ctx.is_main:
-                    metrics.flush()
                 emit({"event": "interrupted", "epoch": epoch, "step": state.step})
                 distributed.shutdown(ctx)
                 raise TrainingInterrupted(run_dir, epoch, state.step)
@@ -599,9 +612,8 @@ def fit(
             history.append(record)
             if ctx.is_main:
                 metrics.add(record)
+                metrics.flush()  # before the checkpoint: a kill between the two loses no record
             save_state({"epoch": epoch, "step": 0}, None)
-            if ctx.is_main:
-                metrics.flush()
             emit({"event": "epoch", **record, "epochs": config.epochs})
 
     final_model = trainer.eval_model
@@ -624,6 +636,16 @@ def fit(
     distributed.shutdown(ctx)
     emit({"event": "end", "run_dir": str(run_dir), "final": final, "train_seconds": train_seconds})
     return RunResult(run_dir, config, final, history, final_model, train_seconds)
+
+
+def _unstarted_run(run_dir: Path) -> bool:
+    """True when `run_dir` holds a run that failed before its first checkpoint (it may be reused
+    as --out); refuses a folder with a checkpoint or a trained model, which --resume continues."""
+    if not (run_dir / CONFIG_FILE).exists():
+        return False
+    if (run_dir / ckpt.STATE_FILE).exists() or (run_dir / ckpt.MODEL_FILE).exists():
+        raise DigitlabError(f"{run_dir}: already holds a run; use --resume {run_dir} or another --out")
+    return True
 
 
 def _read_run_config(run_dir: Path) -> TrainConfig:
