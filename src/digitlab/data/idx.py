@@ -52,11 +52,11 @@ def _parse_header(head: bytes, name: str) -> tuple[int, ...]:
     return shape
 
 
-def _size_error(name: str, shape: tuple[int, ...], found: int, trailing: bool) -> DigitlabError:
+def _size_error(name: str, shape: tuple[int, ...], found: int | None, trailing: bool) -> DigitlabError:
     what = "has trailing bytes" if trailing else "truncated"
     return DigitlabError(
         f"{name}: IDX file {what}: header declares shape {shape} = {math.prod(shape)} bytes, "
-        f"found {'more' if trailing else found}"
+        f"found {'more' if found is None else found}"
     )
 
 
@@ -73,8 +73,10 @@ def _read_stream(fh: BinaryIO, name: str) -> np.ndarray:
         if not chunk:
             raise _size_error(name, shape, len(buffer), trailing=False)
         buffer += chunk
-    if fh.read(1):
-        raise _size_error(name, shape, len(buffer), trailing=True)
+    extra = fh.read(_CHUNK)  # bounded: count a few trailing bytes exactly, never inflate a bomb
+    if extra:
+        found = len(buffer) + len(extra) if len(extra) < _CHUNK and not fh.read(1) else None
+        raise _size_error(name, shape, found, trailing=True)
     return np.frombuffer(buffer, dtype=np.uint8).reshape(shape).copy()
 
 
