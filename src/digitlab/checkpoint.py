@@ -10,6 +10,7 @@ Nothing here unpickles anything.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -49,17 +50,33 @@ def versions() -> dict[str, str]:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write `path` through a temp file + rename: a reader sees the old file or the new one.
+
+    A failed write (full disk, quota, read-only folder) is a DigitlabError that names the file
+    and says the previous version is untouched.
+    """
+    existed = path.is_file()
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        kept = f"the previous {path.name} is intact" if existed else "nothing was written"
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.ENOSPC:
+            reason = "no space left on device"
+        raise DigitlabError(f"{path}: cannot write ({reason}); {kept}") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -99,9 +116,37 @@ def read_model_meta(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DigitlabError(f"{run_dir}: no {MODEL_META}; expected a run folder written by `digitlab train`")
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DigitlabError(f"{path}: corrupt JSON (line {exc.lineno}: {exc.msg})") from None
+    except (UnicodeDecodeError, OSError) as exc:
+        raise DigitlabError(f"{path}: cannot read ({exc.__class__.__name__})") from None
+    _check_model_meta(meta, path)
+    return meta
+
+
+def _check_model_meta(meta: Any, path: Path) -> None:
+    """Refuse a model.json whose structure cannot rebuild a model (every reader goes through here)."""
+    from digitlab.models import model_parameters
+
+    if not isinstance(meta, dict):
+        raise DigitlabError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    name = meta.get("model")
+    if not isinstance(name, str):
+        raise DigitlabError(f"{path}: no model name (key 'model' is {name!r}, expected a preset name)")
+    args = meta.get("model_args", {})
+    if not isinstance(args, dict):
+        raise DigitlabError(f"{path}: model_args must be an object of keyword arguments, got {type(args).__name__}")
+    try:
+        accepted = model_parameters(name)
+    except DigitlabError as exc:  # an unknown model
+        raise DigitlabError(f"{path}: {exc}") from None
+    unknown = sorted(set(args) - set(accepted))
+    if unknown:
+        raise DigitlabError(
+            f"{path}: model_args {', '.join(map(repr, unknown))} not accepted by model {name!r} "
+            f"(it takes: {', '.join(accepted) or 'no arguments'})"
+        )
 
 
 def load_model(run_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -118,7 +163,12 @@ def load_model(run_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     blob = weights.read_bytes()
     if _sha256(blob) != meta.get("weights_sha256"):
         raise DigitlabError(f"{weights}: checksum does not match {MODEL_META} (corrupt or replaced file)")
-    model = create_model(meta["model"], **meta.get("model_args", {}))
+    try:
+        model = create_model(meta["model"], **meta.get("model_args", {}))
+    except (TypeError, ValueError) as exc:  # an argument of the wrong type or range
+        raise DigitlabError(
+            f"{run_dir / MODEL_META}: model_args do not build model {meta['model']!r} ({exc})"
+        ) from None
     try:
         model.load_state_dict(load(blob))
     except (SafetensorError, RuntimeError) as exc:

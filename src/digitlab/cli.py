@@ -241,11 +241,13 @@ def _base_config(preset: str | None, config_file: Path | None):
     if preset:
         raise DigitlabError("give either --preset or --config, not both")
     try:
-        return TrainConfig.from_dict(json.loads(config_file.read_text())["config"])
+        return TrainConfig.from_dict(json.loads(config_file.read_text())["config"]).validate()
     except FileNotFoundError:
         raise DigitlabError(f"{config_file}: no such file") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise DigitlabError(f"{config_file}: not a digitlab config ({exc})") from None
+    except DigitlabError as exc:
+        raise DigitlabError(f"{config_file}: {exc}") from None
+    except (ValueError, KeyError, TypeError, OSError) as exc:  # ValueError: bad JSON or not UTF-8
+        raise DigitlabError(f"{config_file}: not a digitlab config ({exc.__class__.__name__}: {exc})") from None
 
 
 def _run_train(args: argparse.Namespace) -> int:

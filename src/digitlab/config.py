@@ -5,8 +5,10 @@ Kept free of torch so the CLI can list presets and parse flags instantly.
 
 from __future__ import annotations
 
+import difflib
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import Any, get_type_hints
 
 from digitlab.errors import DigitlabError
 
@@ -14,6 +16,57 @@ OPTIMIZERS = ("rmsprop", "adam", "adamw", "sgd")
 SCHEDULES = ("constant", "onecycle", "cosine", "exponential")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+FILLS = ("nearest", "constant")
+_MAX_SEED = 2**63 - 1  # torch.manual_seed's limit for a non-negative seed
+
+
+def _close_names(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    if close:
+        return f"did you mean {' or '.join(repr(c) for c in close)}?"
+    return f"valid keys: {', '.join(valid)}"
+
+
+def _check_keys(where: str, data: Any, valid: list[str]) -> dict[str, Any]:
+    """`data` as a dict whose keys are all in `valid`; the first unknown key is named with its likely intent."""
+    if not isinstance(data, dict):
+        raise DigitlabError(f"{where} must be a JSON object, got {type(data).__name__}")
+    for key in data:
+        if key not in valid:
+            raise DigitlabError(f"{where}: unknown key {key!r}; {_close_names(str(key), valid)}")
+    return dict(data)
+
+
+def _check_types(obj: Any, where: str) -> None:
+    """Every field of dataclass `obj` holds a value of its annotated type (int is accepted for float)."""
+    for name, hint in get_type_hints(type(obj)).items():
+        value = getattr(obj, name)
+        label = f"{where}{name}"
+        if hint is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            expected = "an integer"
+        elif hint is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            expected = "a finite number"
+        elif hint is str:
+            ok = isinstance(value, str)
+            expected = "a string"
+        elif hint == str | None:
+            ok = value is None or isinstance(value, str)
+            expected = "a string or null"
+        elif hint == dict[str, Any]:
+            ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+            expected = "an object with string keys"
+        else:
+            continue  # nested configs check themselves
+        if not ok:
+            raise DigitlabError(f"{label} must be {expected}, got {value!r}")
+
+
+def _as_floats(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """JSON writes 1.0 as 1: give float fields floats (torch's OneCycleLR insists on a float)."""
+    hints = get_type_hints(cls)
+    return {k: float(v) if hints.get(k) is float and type(v) is int else v for k, v in data.items()}
 
 
 @dataclass(frozen=True)
@@ -46,8 +99,30 @@ class AugmentConfig:
     def enabled(self) -> bool:
         return any((self.rotation, self.zoom, self.shift, self.shear, self.elastic_alpha)) or self.photometric
 
+    def validate(self, where: str = "augment.") -> AugmentConfig:
+        _check_types(self, where)
+        for name in ("rotation", "shear", "elastic_alpha"):
+            if getattr(self, name) < 0:
+                raise DigitlabError(f"{where}{name} must be at least 0, got {getattr(self, name)}")
+        if not 0 <= self.zoom <= 1:
+            raise DigitlabError(f"{where}zoom must be in [0, 1], got {self.zoom}")
+        if not 0 <= self.shift <= 1:
+            raise DigitlabError(f"{where}shift must be in [0, 1], got {self.shift}")
+        if self.shear >= 90:
+            raise DigitlabError(f"{where}shear must be below 90 degrees, got {self.shear}")
+        if self.elastic_sigma <= 0:
+            raise DigitlabError(f"{where}elastic_sigma must be positive, got {self.elastic_sigma}")
+        if self.fill not in FILLS:
+            raise DigitlabError(f"{where}fill must be one of {', '.join(FILLS)}, got {self.fill!r}")
+        return self
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "augment") -> AugmentConfig:
+        data = _check_keys(where, data, [f.name for f in fields(cls)])
+        return cls(**_as_floats(cls, data))
 
 
 @dataclass(frozen=True)
@@ -85,16 +160,38 @@ class TrainConfig:
         def bad(msg: str) -> DigitlabError:
             return DigitlabError(f"{self.preset}: {msg}")
 
+        _check_types(self, f"{self.preset}: ")
+        if not isinstance(self.augment, AugmentConfig):
+            raise bad(f"augment must be an AugmentConfig, got {type(self.augment).__name__}")
+        self.augment.validate(f"{self.preset}: augment.")
+        if not self.model or not self.data:
+            raise bad("model and data must not be empty")
         if self.epochs < 1:
             raise bad(f"epochs must be at least 1, got {self.epochs}")
         if not 0 < self.epoch_fraction <= 1:
             raise bad(f"epoch fraction must be in (0, 1], got {self.epoch_fraction}")
         if self.batch_size < 1:
             raise bad(f"batch size must be at least 1, got {self.batch_size}")
+        if self.eval_batch_size < 1:
+            raise bad(f"eval batch size must be at least 1, got {self.eval_batch_size}")
+        if self.eval_every < 1:
+            raise bad(f"eval_every must be at least 1 (epochs between validation passes), got {self.eval_every}")
         if not 0 <= self.val_split < 1:
             raise bad(f"val split must be in [0, 1), got {self.val_split}")
         if self.lr <= 0:
             raise bad(f"learning rate must be positive, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise bad(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise bad(f"weight decay must be at least 0, got {self.weight_decay}")
+        if not 0 < self.lr_decay <= 1:
+            raise bad(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        if not 0 < self.warmup_fraction < 1:
+            raise bad(f"warmup fraction must be in (0, 1), got {self.warmup_fraction}")
+        if not 0 <= self.ema_decay < 1:
+            raise bad(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.seed <= _MAX_SEED:
+            raise bad(f"seed must be in 0..{_MAX_SEED}, got {self.seed}")
         if self.optimizer not in OPTIMIZERS:
             raise bad(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
@@ -124,8 +221,11 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        data = dict(data)
-        data["augment"] = AugmentConfig(**data.get("augment", {}))
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def from_dict(cls, data: Any) -> TrainConfig:
+        """The config a JSON object describes; unknown keys are refused (a typo must not pass silently).
+
+        Call `validate()` on the result to check types and ranges.
+        """
+        data = _check_keys("config", data, [f.name for f in fields(cls)])
+        data["augment"] = AugmentConfig.from_dict(data.get("augment", {}), "config.augment")
+        return cls(**_as_floats(cls, data))

@@ -6,6 +6,7 @@ Every model takes `(N, 1, 28, 28)` float input scaled to [0, 1] and returns `(N,
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,6 +41,14 @@ def create_model(name: str, **overrides) -> nn.Module:
     except KeyError:
         raise DigitlabError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}") from None
     return factory(**overrides)
+
+
+def model_parameters(name: str) -> list[str]:
+    """The keyword arguments model `name` accepts (what a model.json's model_args may hold)."""
+    create = _REGISTRY.get(name)
+    if create is None:
+        raise DigitlabError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+    return list(inspect.signature(create).parameters)
 
 
 def keras_init_(model: nn.Module) -> nn.Module:

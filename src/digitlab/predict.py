@@ -90,6 +90,8 @@ def _as_images(array: np.ndarray, path: Path) -> np.ndarray:
             f"{path}: array of shape {array.shape} ({per_image} pixels per image), expected (N, 28, 28) "
             "or (N, 784)"
         )
+    if len(array) == 0:
+        raise DigitlabError(f"{path}: holds 0 images, expected at least one")
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
         raise DigitlabError(f"{path}: dtype {array.dtype}, expected numbers 0..255")
     if array.dtype == np.uint8:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -30,7 +31,7 @@ from digitlab.data import DigitData, load_source, split
 from digitlab.distributed import DistContext
 from digitlab.errors import DigitlabError
 from digitlab.models import count_parameters, create_model
-from digitlab.rundir import CONFIG_FILE, METRICS_FILE, STATE_FILE, read_metrics  # noqa: F401 (read_metrics: API)
+from digitlab.rundir import CONFIG_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE, read_metrics  # noqa: F401 (read_metrics: API)
 from digitlab.runtime import (
     autocast,
     configure_determinism,
@@ -174,9 +175,14 @@ class MetricsLog:
         self._pending.append(json.dumps(record))
 
     def flush(self) -> None:
+        """Append and fsync the pending records. Called before each checkpoint is renamed into
+        place, so the metrics are never behind the checkpoint (records past it are dropped by
+        `truncate_to` on resume)."""
         if self._pending:
             with self.path.open("a") as fh:
                 fh.write("\n".join(self._pending) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
             self._pending.clear()
 
     def truncate_to(self, epoch: int, step: int) -> None:
@@ -442,6 +448,7 @@ class _Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     state: EpochState | None = None  # set when resuming mid-epoch
     start_epoch: int = 1
+    restart: bool = False  # a fresh run in a folder left by one that failed before its first checkpoint
 
     @property
     def device(self) -> torch.device:
@@ -489,16 +496,19 @@ def _open_run(config: TrainConfig | None, out_dir: str | Path | None, resume: st
               callbacks: list[Callback], data: tuple[DigitData, DigitData | None] | None) -> _Run:
     """Resolve the config, the folder, the device and the data; build the model and optimizer."""
     ctx = distributed.context_from_env()
+    restart = False
     if resume is not None:
         run_dir = Path(resume)
         config = _read_run_config(run_dir)
+        if not (run_dir / STATE_FILE).exists() and not (run_dir / MODEL_FILE).exists():
+            raise DigitlabError(f"{run_dir}: no checkpoint to resume from (the run stopped before its first "
+                                f"epoch ended); start it afresh with --out {run_dir}")
     else:
         if config is None:
             raise DigitlabError("fit needs a config or a run folder to resume")
         config = config.validate()
         run_dir = Path(out_dir) if out_dir is not None else _default_run_dir(config.preset)
-        if (run_dir / CONFIG_FILE).exists():
-            raise DigitlabError(f"{run_dir}: already holds a run; use --resume {run_dir} or another --out")
+        restart = _unstarted_run(run_dir)
     if config.batch_size % ctx.world_size:
         raise DigitlabError(f"batch size {config.batch_size} does not split evenly over {ctx.world_size} processes")
 
@@ -542,11 +552,15 @@ def _open_run(config: TrainConfig | None, out_dir: str | Path | None, resume: st
             "val_fingerprint": val_data.fingerprint if val_data is not None else None,
             "val_count": len(val_data) if val_data is not None else 0,
         },
-        train_data=train_data, metrics=MetricsLog(run_dir / METRICS_FILE), emit=emit,
+        train_data=train_data, metrics=MetricsLog(run_dir / METRICS_FILE), emit=emit, restart=restart,
     )
 
 
 def _write_run_config(run: _Run) -> None:
+    if run.restart:
+        log.warning("%s: holds a config.json but no checkpoint (a run that stopped before its first epoch "
+                    "ended); starting afresh there", run.run_dir)
+        (run.run_dir / METRICS_FILE).unlink(missing_ok=True)
     run.run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.atomic_write_json(run.run_dir / CONFIG_FILE, {
         "config": run.config.to_dict(),
@@ -622,9 +636,9 @@ def _train_epoch(run: _Run, epoch: int, stop: threading.Event) -> None:
         run.emit({"event": "batch", "epoch": epoch, **rec})
 
     if not train_one_epoch(trainer, run.images, run.labels, state, stop, on_batch if ctx.is_main else None):
-        _save_state(run, state.position(), state.perm)
         if ctx.is_main:
-            run.metrics.flush()
+            run.metrics.flush()  # before the checkpoint: a kill between the two loses no record
+        _save_state(run, state.position(), state.perm)
         run.emit({"event": "interrupted", "epoch": epoch, "step": state.step})
         distributed.shutdown(ctx)
         raise TrainingInterrupted(run.run_dir, epoch, state.step)
@@ -643,9 +657,8 @@ def _train_epoch(run: _Run, epoch: int, stop: threading.Event) -> None:
     run.history.append(record)
     if ctx.is_main:
         run.metrics.add(record)
+        run.metrics.flush()  # before the checkpoint: a kill between the two loses no record
     _save_state(run, {"epoch": epoch, "step": 0}, None)
-    if ctx.is_main:
-        run.metrics.flush()
     run.emit({"event": "epoch", **record, "epochs": config.epochs})
 
 
@@ -697,6 +710,16 @@ def _finish(run: _Run) -> RunResult:
     return RunResult(run.run_dir, config, final, run.history, final_model, train_seconds)
 
 
+def _unstarted_run(run_dir: Path) -> bool:
+    """True when `run_dir` holds a run that failed before its first checkpoint (it may be reused
+    as --out); refuses a folder with a checkpoint or a trained model, which --resume continues."""
+    if not (run_dir / CONFIG_FILE).exists():
+        return False
+    if (run_dir / STATE_FILE).exists() or (run_dir / MODEL_FILE).exists():
+        raise DigitlabError(f"{run_dir}: already holds a run; use --resume {run_dir} or another --out")
+    return True
+
+
 def _read_run_config(run_dir: Path) -> TrainConfig:
     if not run_dir.is_dir():
         raise DigitlabError(f"{run_dir}: no such run folder to resume")
@@ -705,5 +728,7 @@ def _read_run_config(run_dir: Path) -> TrainConfig:
         raise DigitlabError(f"{path}: missing; not a digitlab run folder")
     try:
         return TrainConfig.from_dict(json.loads(path.read_text())["config"]).validate()
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise DigitlabError(f"{path}: corrupt run config ({exc})") from None
+    except DigitlabError as exc:
+        raise DigitlabError(f"{path}: {exc}") from None
+    except (ValueError, KeyError, TypeError, OSError) as exc:  # ValueError: bad JSON or not UTF-8
+        raise DigitlabError(f"{path}: corrupt run config ({exc.__class__.__name__}: {exc})") from None

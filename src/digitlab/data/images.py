@@ -32,8 +32,22 @@ def upright(img: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(img)
 
 
+# Pillow's 16-bit grey modes (16-bit PNGs open as "I;16"; older Pillow and some PGM/TIFF
+# files give 32-bit "I" holding the same 0..65535 values).
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def scale_to_8bit(img: Image.Image) -> Image.Image:
+    """A 16-bit grey image as 8-bit grey, 0..65535 scaled to 0..255 (Pillow's convert("L")
+    clips instead, so a 20000-on-60000 digit would read as a blank white square)."""
+    wide = np.clip(np.asarray(img).astype(np.float64), 0, 65535)
+    return Image.fromarray(np.rint(wide / 257).astype(np.uint8), "L")
+
+
 def flatten_grey(img: Image.Image, matte: int = 255) -> Image.Image:
     """8-bit grey; a transparent background is composited onto `matte` (white keeps dark ink visible)."""
+    if img.mode in WIDE_GREY_MODES:
+        return scale_to_8bit(img)
     if has_alpha(img):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (matte, matte, matte, 255))

@@ -7,7 +7,9 @@ the first bad line so the error names it.
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -44,6 +46,13 @@ def _check_header(path: Path, header: list[str]) -> bool:
     )
 
 
+def _rows(reader: Any) -> Iterator[tuple[int, list[str]]]:
+    """(line number, row) pairs of a csv.reader, its first row (the header) skipped."""
+    next(reader, None)
+    for row in reader:
+        yield reader.line_num, row
+
+
 def _diagnose(path: Path, has_label: bool) -> DigitlabError:
     """Scan the file line by line to name the first bad cell (only runs after a failure).
 
@@ -53,30 +62,37 @@ def _diagnose(path: Path, has_label: bool) -> DigitlabError:
     width = 785 if has_label else 784
     with path.open(newline="", encoding="utf-8-sig", errors="replace") as fh:
         reader = csv.reader(fh)
-        next(reader, None)
-        for row in reader:
-            line = reader.line_num
-            if not row:
-                continue
-            if len(row) != width:
+        try:
+            return _first_bad_row(path, _rows(reader), width, has_label)
+        except csv.Error as exc:  # a field over csv's 128 KB limit, a NUL byte...
+            return DigitlabError(f"{path}: line {reader.line_num}: not a valid CSV line ({exc})")
+
+
+def _first_bad_row(
+    path: Path, rows: Iterator[tuple[int, list[str]]], width: int, has_label: bool
+) -> DigitlabError:
+    for line, row in rows:
+        if not row:
+            continue
+        if len(row) != width:
+            return DigitlabError(
+                f"{path}: line {line}: {len(row)} columns, expected {width}"
+            )
+        for col, cell in enumerate(row):
+            name = "label" if has_label and col == 0 else PIXEL_COLUMNS[col - has_label]
+            if not cell.strip():
+                return DigitlabError(f"{path}: line {line}: {name} is empty, expected an integer")
+            try:
+                # int() accepts what pyarrow's int64 parser accepts (not "3.0", not "1e2")
+                value = int(cell)
+            except ValueError:
                 return DigitlabError(
-                    f"{path}: line {line}: {len(row)} columns, expected {width}"
+                    f"{path}: line {line}: {name} is {cell!r}, expected an integer"
                 )
-            for col, cell in enumerate(row):
-                name = "label" if has_label and col == 0 else PIXEL_COLUMNS[col - has_label]
-                if not cell.strip():
-                    return DigitlabError(f"{path}: line {line}: {name} is empty, expected an integer")
-                try:
-                    # int() accepts what pyarrow's int64 parser accepts (not "3.0", not "1e2")
-                    value = int(cell)
-                except ValueError:
-                    return DigitlabError(
-                        f"{path}: line {line}: {name} is {cell!r}, expected an integer"
-                    )
-                if name == "label" and not 0 <= value <= 9:
-                    return DigitlabError(f"{path}: line {line}: label {value} outside 0..9")
-                if name != "label" and not 0 <= value <= 255:
-                    return DigitlabError(f"{path}: line {line}: {name} is {value}, outside 0..255")
+            if name == "label" and not 0 <= value <= 9:
+                return DigitlabError(f"{path}: line {line}: label {value} outside 0..9")
+            if name != "label" and not 0 <= value <= 255:
+                return DigitlabError(f"{path}: line {line}: {name} is {value}, outside 0..255")
     return DigitlabError(f"{path}: could not parse as a Kaggle CSV")
 
 
@@ -93,7 +109,11 @@ def load_kaggle_csv(path: str | Path, expect_labels: bool | None = None) -> Digi
         raise DigitlabError(f"{path}: not a text file, expected a Kaggle CSV") from None
     if not first.strip():
         raise DigitlabError(f"{path}: empty file, expected a Kaggle CSV with a header line")
-    has_label = _check_header(path, next(csv.reader([first])))
+    try:
+        header = next(csv.reader([first]))
+    except csv.Error as exc:
+        raise DigitlabError(f"{path}: line 1: not a valid CSV header ({exc})") from None
+    has_label = _check_header(path, header)
     if expect_labels is True and not has_label:
         raise DigitlabError(f"{path}: has no label column, expected a labelled train.csv")
     if expect_labels is False and has_label:

@@ -1,0 +1,350 @@
+"""Hostile and broken files meet one clear DigitlabError (exit 2 in the CLI), never a traceback
+or a memory blow-up: IDX (gzip bombs, overflowing dims, no images), Kaggle CSV, images
+(16-bit scaling), model.json, config.json and full disks; plus property tests over random bytes."""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import io
+import json
+import struct
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from digitlab import checkpoint as ckpt
+from digitlab.cli import main
+from digitlab.config import AugmentConfig, TrainConfig
+from digitlab.data import DigitData, write_idx_dir, write_kaggle_csv
+from digitlab.data.idx import read_idx
+from digitlab.data.images import load_image_folder, read_grey, read_image
+from digitlab.data.kaggle import TRAIN_HEADER, load_kaggle_csv
+from digitlab.errors import DigitlabError
+from digitlab.models import create_model
+from digitlab.predict import read_inputs
+from digitlab.preprocess import load_image_file
+from digitlab.rundir import MODEL_FILE, STATE_FILE
+
+# Fast, and no example database written into the repository.
+PROPERTY = settings(max_examples=150, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def _idx_header(*shape: int) -> bytes:
+    return struct.pack(">HBB", 0, 8, len(shape)) + struct.pack(f">{len(shape)}I", *shape)
+
+
+# ---------------------------------------------------------------- IDX
+
+
+def test_idx_gzip_bomb_is_refused_without_inflating_it(tmp_path: Path) -> None:
+    bomb = tmp_path / "t10k-images-idx3-ubyte.gz"
+    bomb.write_bytes(gzip.compress(_idx_header(10, 28, 28) + bytes(48 << 20), compresslevel=9))
+    assert bomb.stat().st_size < 100_000  # 48 MB of zeros
+    tracemalloc.start()
+    try:
+        with pytest.raises(DigitlabError, match="trailing bytes"):
+            read_idx(bomb)
+        batches, errors, _ = read_inputs([bomb])  # what `digitlab predict RUN file.gz` reads
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not batches and len(errors) == 1 and "trailing bytes" in errors[0]
+    assert peak < 8 << 20, f"{peak >> 20} MB allocated to refuse a 48 MB bomb"
+
+
+def test_idx_header_declaring_more_than_the_limit_is_refused_before_reading(tmp_path: Path) -> None:
+    path = tmp_path / "huge.gz"
+    path.write_bytes(gzip.compress(_idx_header(60000, 280, 280) + bytes(1000)))
+    with pytest.raises(DigitlabError, match=r"declares shape \(60000, 280, 280\) = 4704000000 bytes, more than"):
+        read_idx(path)
+
+
+def test_idx_dims_overflowing_int64_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "overflow"
+    path.write_bytes(_idx_header(65536, 65536, 65536, 65536))  # 2**64: np.prod wraps to 0
+    with pytest.raises(DigitlabError, match="more than the 1024 MiB limit"):
+        read_idx(path)
+
+
+def test_idx_truncated_and_trailing_data_are_refused(tmp_path: Path) -> None:
+    short, long = tmp_path / "short", tmp_path / "long.gz"
+    short.write_bytes(_idx_header(2, 28, 28) + bytes(1000))
+    long.write_bytes(gzip.compress(_idx_header(2, 28, 28) + bytes(2 * 784 + 1)))
+    with pytest.raises(DigitlabError, match=r"truncated: .* 1568 bytes, found 1000"):
+        read_idx(short)
+    with pytest.raises(DigitlabError, match="trailing bytes"):
+        read_idx(long)
+
+
+def test_idx_roundtrip_raw_and_gzip(tmp_path: Path) -> None:
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    data = DigitData(images, np.arange(5), "t")
+    for gz in (False, True):
+        written = write_idx_dir(tmp_path / str(gz), data, gz=gz)
+        assert np.array_equal(read_idx(written[0]), images)
+        assert np.array_equal(read_idx(written[1]), np.arange(5))
+
+
+def test_idx_with_zero_images_is_one_clear_line(tmp_path: Path, capsys) -> None:
+    empty = DigitData(np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.int64), "empty")
+    write_idx_dir(tmp_path, empty, gz=False)
+    assert main(["data", "info", f"idx:{tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "holds 0 images, expected at least one" in err and "Traceback" not in err
+    _, errors, _ = read_inputs([tmp_path / "train-images-idx3-ubyte"])
+    assert len(errors) == 1 and "holds 0 images" in errors[0]
+
+
+# ---------------------------------------------------------------- CSV
+
+
+def test_csv_field_over_128_kb_is_one_clear_line(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "train.csv"
+    path.write_text(",".join(TRAIN_HEADER) + "\n" + "1," + "7" * 200_000 + "\n")
+    assert main(["data", "info", f"kaggle:{path}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: line 2: not a valid CSV line (field larger than field limit" in err
+    assert "Traceback" not in err
+    header = tmp_path / "header.csv"
+    header.write_text('"' + "a" * 200_000 + '"\n1\n')
+    with pytest.raises(DigitlabError, match="line 1: not a valid CSV header"):
+        load_kaggle_csv(header)
+
+
+# ---------------------------------------------------------------- images
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path: Path) -> None:
+    pixels = np.full((28, 28), 20000, np.uint16)  # grey paper...
+    pixels[6:22, 12:16] = 60000  # ...with a light stroke
+    Image.fromarray(pixels).save(tmp_path / "digit.png")
+    assert read_image(tmp_path / "digit.png").mode == "I;16"
+    grey = np.asarray(read_grey(tmp_path / "digit.png"))
+    assert grey.min() == round(20000 / 257) and grey.max() == round(60000 / 257)
+    digit = load_image_file(tmp_path / "digit.png")  # predict's and serve's path
+    assert digit.max() == 255 and (digit > 0).sum() > 40  # the stroke, not a blank square
+    (tmp_path / "folder" / "1").mkdir(parents=True)
+    Image.fromarray(pixels).save(tmp_path / "folder" / "1" / "a.png")
+    plain = load_image_folder(tmp_path / "folder").images[0]
+    assert int(plain.max()) - int(plain.min()) > 100  # clipped, both shades read as 255
+
+
+# ---------------------------------------------------------------- full disk
+
+
+def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path: Path, monkeypatch) -> None:
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / STATE_FILE
+    ckpt.save_state(path, model, optimizer, None, {}, {"epoch": 1})
+    before = path.read_bytes()
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.os, "fsync", full)
+    with torch.no_grad():
+        model.weight.add_(1)
+    with pytest.raises(DigitlabError) as exc:
+        ckpt.save_state(path, model, optimizer, None, {}, {"epoch": 2})
+    assert str(exc.value) == (f"{path}: cannot write (no space left on device); "
+                              "the previous checkpoint.safetensors is intact")
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [STATE_FILE]  # no temp file left behind
+    assert ckpt.load_state(path)[1]["info"] == {"epoch": 1}
+
+
+# ---------------------------------------------------------------- model.json
+
+
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "fast"
+    torch.manual_seed(0)
+    ckpt.save_model(run, create_model("fast"), {"preset": "fast", "model": "fast", "model_args": {}})
+    return run
+
+
+DAMAGE = [
+    (lambda m: m.pop("model"), "no model name (key 'model' is None"),
+    (lambda m: m.update(model_args=[24, 32]), "model_args must be an object of keyword arguments, got list"),
+    (lambda m: m.update(model_args={"widht1": 24}), "model_args 'widht1' not accepted by model 'fast'"),
+    (lambda m: m.update(model="nope"), "unknown model 'nope'"),
+    (lambda m: m.update(model_args={"width1": "wide"}), "model_args do not build model 'fast'"),
+]
+
+
+@pytest.mark.parametrize(("damage", "message"), DAMAGE)
+def test_damaged_model_json_is_one_clear_line_everywhere(fast_run: Path, tmp_path: Path, damage, message,
+                                                         capsys) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / MODEL_FILE).write_bytes((fast_run / MODEL_FILE).read_bytes())
+    meta = json.loads((fast_run / ckpt.MODEL_META).read_text())
+    damage(meta)
+    (run / ckpt.MODEL_META).write_text(json.dumps(meta))
+    np.save(tmp_path / "x.npy", np.zeros((1, 28, 28), np.uint8))
+    for argv in (["evaluate", str(run)], ["predict", str(run), str(tmp_path / "x.npy")], ["summary", str(run)],
+                 ["export", str(run), "--no-check"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "model.json" in err, (argv, err)
+        assert "Traceback" not in err
+    from digitlab.serve.app import create_app
+
+    for backend in ("onnx", "torch"):
+        with pytest.raises(DigitlabError) as exc:
+            create_app(run, backend=backend)
+        assert message in str(exc.value) and "ONNX Runtime" not in str(exc.value), backend
+
+
+# ---------------------------------------------------------------- config.json
+
+
+BAD_CONFIGS = [
+    ({"epoch": 3}, "unknown key 'epoch'; did you mean 'epochs'?"),
+    ({"epochs": 2.5}, "epochs must be an integer, got 2.5"),
+    ({"seed": "abc"}, "seed must be an integer, got 'abc'"),
+    ({"lr": float("nan")}, "lr must be a finite number, got nan"),
+    ({"eval_every": 0}, "eval_every must be at least 1"),
+    ({"momentum": 5}, "momentum must be in [0, 1), got 5.0"),
+    ({"weight_decay": -1e-4}, "weight decay must be at least 0"),
+    ({"warmup_fraction": 1.5}, "warmup fraction must be in (0, 1)"),
+    ({"ema_decay": 1.0}, "ema_decay must be in [0, 1)"),
+    ({"batch_size": True}, "batch_size must be an integer, got True"),
+    ({"model_args": [1]}, "model_args must be an object with string keys"),
+    ({"val_data": 3}, "val_data must be a string or null"),
+    ({"augment": {"fill": "zero"}}, "augment.fill must be one of nearest, constant, got 'zero'"),
+    ({"augment": {"rotaton": 10}}, "unknown key 'rotaton'; did you mean 'rotation'?"),
+    ({"augment": {"zoom": -0.1}}, "augment.zoom must be in [0, 1]"),
+]
+
+
+def _config_file(path: Path, changes: dict) -> Path:
+    config = TrainConfig().to_dict()
+    for key, value in changes.items():
+        if key == "augment":
+            config["augment"] = {**config["augment"], **value}
+        else:
+            config[key] = value
+    path.write_text(json.dumps({"config": config}))
+    return path
+
+
+@pytest.mark.parametrize(("changes", "message"), BAD_CONFIGS)
+def test_bad_config_json_is_one_clear_line(tmp_path: Path, changes: dict, message: str, capsys) -> None:
+    path = _config_file(tmp_path / "config.json", changes)
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: " in err and message in err, err
+    assert "Traceback" not in err and not out.exists()
+    # The same file as a run folder's config.json: --resume refuses it the same way.
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_every_preset_round_trips_through_the_strict_reader() -> None:
+    from digitlab.presets import get_preset, list_presets
+
+    for name in list_presets():
+        config = get_preset(name).validate()
+        assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))).validate() == config
+    assert isinstance(TrainConfig.from_dict({"lr": 1}).lr, float)  # JSON writes 1.0 as 1
+    assert AugmentConfig.from_dict({"zoom": 0}).validate().zoom == 0.0
+
+
+# ---------------------------------------------------------------- any bytes: a result or a DigitlabError
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+FIELD_NAMES = st.sampled_from([*TrainConfig().to_dict(), "epoch", "augment"])
+
+
+@PROPERTY
+@given(st.dictionaries(FIELD_NAMES, JSON_VALUES | st.dictionaries(
+    st.sampled_from([*AugmentConfig().to_dict(), "rotaton"]), JSON_VALUES, max_size=3), max_size=5))
+def test_any_json_config_gives_a_config_or_a_digitlab_error(data: dict) -> None:
+    try:
+        config = TrainConfig.from_dict(data).validate()
+    except DigitlabError:
+        return
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+@PROPERTY
+@given(st.binary(max_size=300) | st.builds(lambda head, tail: head + tail,
+       st.sampled_from([b"", b"\x00\x00\x08\x01", b"\x00\x00\x08\x03", b"\x00\x00\x08\x03" + _idx_header(1, 2, 2)[4:]]),
+       st.binary(max_size=100)), st.booleans())
+def test_any_idx_bytes_give_an_array_or_a_digitlab_error(tmp_path: Path, blob: bytes, gz: bool) -> None:
+    path = tmp_path / "any.idx"
+    path.write_bytes(gzip.compress(blob) if gz else blob)
+    try:
+        array = read_idx(path)
+    except DigitlabError:
+        return
+    assert array.dtype == np.uint8 and array.size == len(blob) - 4 - 4 * array.ndim
+
+
+CSV_CELL = st.sampled_from(["0", "9", "255", "256", "-1", "", " ", "x", "1.5", '"', "\x00", "7" * 40])
+
+
+@PROPERTY
+@given(st.binary(max_size=400) | st.builds(
+    lambda header, rows: (",".join(header) + "\n" + "\n".join(",".join(r) for r in rows)).encode(),
+    st.sampled_from([TRAIN_HEADER, TRAIN_HEADER[1:], TRAIN_HEADER[:10], ["label", "pixel0"]]),
+    st.lists(st.lists(CSV_CELL, min_size=1, max_size=3).map(lambda r: (r * 300)[:785]), max_size=3)))
+def test_any_csv_bytes_give_data_or_a_digitlab_error(tmp_path: Path, blob: bytes) -> None:
+    path = tmp_path / "any.csv"
+    path.write_bytes(blob)
+    try:
+        data = load_kaggle_csv(path)
+    except DigitlabError:
+        return
+    assert data.images.shape[1:] == (28, 28) and len(data) > 0
+
+
+def _png(mode: str) -> bytes:
+    buf = io.BytesIO()
+    size = (6, 5)
+    image = Image.fromarray(np.arange(30, dtype=np.uint16).reshape(5, 6) * 2000) if mode == "I;16" \
+        else Image.new(mode, size, 200)
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+PNGS = [_png(mode) for mode in ("L", "RGB", "RGBA", "LA", "P", "I;16", "1")]
+
+
+@PROPERTY
+@given(st.binary(max_size=300) | st.builds(
+    lambda png, at, value: png[:at] + bytes([value]) + png[at + 1:],
+    st.sampled_from(PNGS), st.integers(0, 120), st.integers(0, 255)) | st.builds(
+    lambda png, cut: png[:cut], st.sampled_from(PNGS), st.integers(0, 120)))
+def test_any_image_bytes_give_a_digit_or_a_digitlab_error(tmp_path: Path, blob: bytes) -> None:
+    path = tmp_path / "any.png"
+    path.write_bytes(blob)
+    for reader in (read_grey, load_image_file):
+        try:
+            result = np.asarray(reader(path))
+        except DigitlabError:
+            continue
+        assert result.dtype == np.uint8
+
+
+def test_kaggle_csv_still_reads(tmp_path: Path) -> None:
+    images = np.random.default_rng(1).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    write_kaggle_csv(tmp_path / "t.csv", DigitData(images, np.array([1, 2, 3]), "t"))
+    assert np.array_equal(load_kaggle_csv(tmp_path / "t.csv").images, images)
