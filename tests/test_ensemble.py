@@ -74,7 +74,8 @@ def test_presets_cycle_and_logloss_weights_reach_every_consumer(tmp_path: Path, 
     assert not np.allclose(manifest["weights"], 1 / 3)
 
     images = mnist_test.images[:300]
-    singles = np.stack([load_predictor(out / m, precision="fp32").predict_proba(images)
+    # members' own temperatures are not used inside an ensemble: it averages their raw probabilities
+    singles = np.stack([load_predictor(out / m, precision="fp32", calibrated=False).predict_proba(images)
                         for m in manifest["members"]])
     weighted = np.tensordot(np.array(manifest["weights"]), singles, axes=1)
     ensemble = load_predictor(out, precision="fp32")  # fp32 like the exported module below
@@ -99,7 +100,7 @@ def test_logloss_weights_need_validation_loss(tmp_path: Path) -> None:
     for name, loss in (("a", 0.1), ("b", 0.3), ("c", None)):
         (tmp_path / name).mkdir()
         metrics = {} if loss is None else {"val_loss": loss}
-        (tmp_path / name / "model.json").write_text(json.dumps({"metrics": metrics}))
+        (tmp_path / name / "model.json").write_text(json.dumps({"model": "fast", "model_args": {}, "metrics": metrics}))
     assert logloss_weights([tmp_path / "a", tmp_path / "b"]) == pytest.approx([0.75, 0.25])
     with pytest.raises(DigitlabError, match="no validation log-loss"):
         logloss_weights([tmp_path / "a", tmp_path / "c"])

@@ -124,7 +124,8 @@ def test_the_flag_sets_the_config_of_train_and_ensemble(monkeypatch, tmp_path: P
     seen = []
 
     def fake(config, *args, **kwargs):
-        seen.append(config.tensorboard)
+        recipes = config if isinstance(config, list) else [config]  # ensemble: one recipe per preset
+        seen.append(all(r.tensorboard for r in recipes))
         raise KeyboardInterrupt
 
     monkeypatch.setattr(digitlab.train, "fit", fake)

@@ -8,6 +8,7 @@ import errno
 import gzip
 import io
 import json
+import os
 import struct
 import tracemalloc
 from pathlib import Path
@@ -150,7 +151,7 @@ def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path: P
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt.os, "fsync", full)
+    monkeypatch.setattr(os, "fsync", full)
     with torch.no_grad():
         model.weight.add_(1)
     with pytest.raises(DigitlabError) as exc:

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from digitlab.checkpoint import atomic_write_json
 from digitlab.errors import DigitlabError
+from digitlab.rundir import atomic_write_json
 
 CALIBRATION_FILE = "calibration.json"
 ECE_BINS = 15  # Guo et al.'s choice; fewer bins hide miscalibration, more are noisy on 6k images
@@ -131,43 +131,3 @@ def apply_run_calibration(probs: np.ndarray, meta: dict[str, Any]) -> np.ndarray
     """Apply the temperature a predictor's meta carries (none: unchanged)."""
     temperature = float(meta.get("calibration", {}).get("temperature", 1.0))
     return apply_temperature(probs, temperature)
-
-
-def calibrate_run(run_dir: str | Path, data: str | None = None) -> dict[str, Any]:
-    """Fit and store a run's (or ensemble's) temperature on its validation split, or on `data`.
-
-    Without `data` the run's own validation split of its training source is rebuilt from its
-    config (same seed, same fraction), so the temperature never sees the test set.
-    """
-    from digitlab.data import load_source
-    from digitlab.inference import load_predictor
-
-    run_dir = Path(run_dir)
-    predictor = load_predictor(run_dir, precision="fp32", calibrated=False)
-    if data is not None:
-        val = load_source(data)
-        if val.labels is None:
-            raise DigitlabError(f"{data}: calibration data has no labels")
-        images, labels, source = val.images, val.labels, data
-    else:
-        images, labels, source = _validation_split(predictor.meta, run_dir)
-    calibration = calibrate_probs(predictor.predict_proba(images), labels, source)
-    save_calibration(run_dir, calibration)
-    return calibration
-
-
-def _validation_split(meta: dict[str, Any], run_dir: Path) -> tuple[np.ndarray, np.ndarray, str]:
-    from digitlab.data import load_source
-    from digitlab.data.split import split
-
-    config = (meta.get("member_meta") or [meta])[0].get("config", {})
-    if config.get("val_data"):
-        val = load_source(config["val_data"])
-        return val.images, val.labels, config["val_data"]
-    fraction = float(config.get("val_split", 0) or 0)
-    if fraction <= 0 or not config.get("data"):
-        raise DigitlabError(f"{run_dir}: the run kept no validation split; pass --data SOURCE (labelled, "
-                            "never the test set you report on)")
-    data = load_source(config["data"])
-    _, val_idx = split(data.labels, fraction, int(config.get("seed", 0)))
-    return data.images[val_idx], data.labels[val_idx], f"{config['data']}[val]"

@@ -10,13 +10,10 @@ Nothing here unpickles anything.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
-import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +23,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from digitlab.errors import DigitlabError
-from digitlab.rundir import MODEL_FILE, MODEL_META, TRAIN_HASHES_FILE
+from digitlab.rundir import MODEL_FILE, MODEL_META, TRAIN_HASHES_FILE, atomic_write_bytes, atomic_write_json
 
 FORMAT_VERSION = 1
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 CLASS_NAMES = [str(d) for d in range(10)]
 # Inputs are pixel / 255 in [0, 1], background 0, ink 1 (MNIST polarity); no mean/std shift.
 INPUT_NORMALISATION = {"scale": 1 / 255, "mean": 0.0, "std": 1.0, "polarity": "light-on-dark"}
@@ -47,41 +42,6 @@ def versions() -> dict[str, str]:
         "numpy": numpy.__version__,
         "python": platform.python_version(),
     }
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `path` through a temp file + rename: a reader sees the old file or the new one.
-
-    A failed write (full disk, quota, read-only folder) is a DigitlabError that names the file
-    and says the previous version is untouched.
-    """
-    existed = path.is_file()
-    tmp: str | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except OSError as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        kept = f"the previous {path.name} is intact" if existed else "nothing was written"
-        reason = exc.strerror or str(exc)
-        if exc.errno == errno.ENOSPC:
-            reason = "no space left on device"
-        raise DigitlabError(f"{path}: cannot write ({reason}); {kept}") from None
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _sha256(data: bytes) -> str:

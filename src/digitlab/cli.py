@@ -457,7 +457,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    from digitlab.calibration import calibrate_run
+    from digitlab.evaluate import calibrate_run
 
     c = calibrate_run(args.run_dir, args.data)
     print(f"temperature {c['temperature']:.3f} on {c['count']:,} images of {c['source']}: "

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from digitlab.calibration import calibrate_probs, save_calibration
 from digitlab.data import DigitData, load_source
 from digitlab.data.dataset import NUM_CLASSES
 from digitlab.errors import DigitlabError
@@ -244,3 +245,44 @@ def evaluate_run(
         log.info("%s", note)
     log.info("%s on %s: accuracy %.4f in %.2fs", result.run, data.source, result.accuracy, seconds)
     return result
+
+
+# ---------------------------------------------------------------- calibrating a run
+
+
+def calibrate_run(run_dir: str | Path, data: str | None = None) -> dict[str, Any]:
+    """Fit and store a run's (or ensemble's) temperature on its validation split, or on `data`.
+
+    Without `data` the run's own validation split of its training source is rebuilt from its
+    config (same seed, same fraction), so the temperature never sees the test set.
+    """
+    from digitlab.data import load_source
+    run_dir = Path(run_dir)
+    predictor = load_predictor(run_dir, precision="fp32", calibrated=False)
+    if data is not None:
+        val = load_source(data)
+        if val.labels is None:
+            raise DigitlabError(f"{data}: calibration data has no labels")
+        images, labels, source = val.images, val.labels, data
+    else:
+        images, labels, source = _validation_split(predictor.meta, run_dir)
+    calibration = calibrate_probs(predictor.predict_proba(images), labels, source)
+    save_calibration(run_dir, calibration)
+    return calibration
+
+
+def _validation_split(meta: dict[str, Any], run_dir: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    from digitlab.data import load_source
+    from digitlab.data.split import split
+
+    config = (meta.get("member_meta") or [meta])[0].get("config", {})
+    if config.get("val_data"):
+        val = load_source(config["val_data"])
+        return val.images, val.labels, config["val_data"]
+    fraction = float(config.get("val_split", 0) or 0)
+    if fraction <= 0 or not config.get("data"):
+        raise DigitlabError(f"{run_dir}: the run kept no validation split; pass --data SOURCE (labelled, "
+                            "never the test set you report on)")
+    data = load_source(config["data"])
+    _, val_idx = split(data.labels, fraction, int(config.get("seed", 0)))
+    return data.images[val_idx], data.labels[val_idx], f"{config['data']}[val]"

@@ -203,7 +203,7 @@ def predictions_from_proba(probs: np.ndarray, names: Sequence[str], k: int = 3,
     labels = probs.argmax(axis=1)
     reasons = abstain_reasons(images, probs, min_confidence) if images is not None else [None] * len(probs)
     return [
-        Prediction(name, int(label), float(p[label]), tops, reason is not None, reason)
+        Prediction(name, int(label), float(p[label]), tops, uncertain=reason is not None, reason=reason)
         for name, label, p, tops, reason in zip(names, labels, probs, top_k(probs, k), reasons, strict=True)
     ]
 

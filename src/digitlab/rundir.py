@@ -3,7 +3,10 @@ that reads a run (evaluate, predict, report, serve, export, ensembles)."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +44,43 @@ def ensemble_members(path: str | Path) -> list[Path]:
     if not members:
         raise DigitlabError(f"{manifest}: lists no members")
     return members
+
+
+# the process's umask, read once: mkstemp makes files 0600 and the writers give them the usual mode
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `path` through a temp file + rename: a reader sees the old file or the new one.
+
+    A failed write (full disk, quota, read-only folder) is a DigitlabError that names the file
+    and says the previous version is untouched.
+    """
+    existed = path.is_file()
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        kept = f"the previous {path.name} is intact" if existed else "nothing was written"
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.ENOSPC:
+            reason = "no space left on device"
+        raise DigitlabError(f"{path}: cannot write ({reason}); {kept}") from None
+    except BaseException:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())

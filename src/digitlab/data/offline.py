@@ -16,7 +16,6 @@ import io
 import logging
 import os
 import pickle
-import tempfile
 import zipfile
 import zlib
 from importlib import metadata
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from digitlab.errors import DigitlabError
+from digitlab.rundir import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -240,15 +240,9 @@ def check_mnist(arrays: dict[str, np.ndarray], source: str) -> None:
 
 
 def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub reads the first ** as allow_pickle
+    atomic_write_bytes(path, buffer.getvalue())  # a crash never leaves a half-written cache
 
 
 def _read_cache(path: Path) -> tuple[dict[str, np.ndarray] | None, str | None]:
