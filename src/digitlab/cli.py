@@ -290,7 +290,7 @@ def _add_ensemble(sub: argparse._SubParsersAction) -> None:
     ens.add_argument("--preset", default="best", help=f"recipe of every member: {', '.join(list_presets())}")
     ens.add_argument("--presets", default=None, metavar="A,B,...",
                      help="comma-separated recipes instead of --preset: member i trains recipe i mod their number "
-                     "(--presets best,wide --members 4: best, wide, best, wide), so members differ in "
+                     "(--presets best,fast-long --members 4: best, fast-long, best, fast-long), so members differ in "
                      "architecture and augmentation, not only seed")
     ens.add_argument("--weights", choices=["equal", "logloss"], default="equal",
                      help="average of the members' probabilities: equal, or weighted by 1 / each member's "
@@ -313,7 +313,7 @@ def _run_ensemble(args: argparse.Namespace) -> int:
 
     names = [n.strip() for n in args.presets.split(",") if n.strip()] if args.presets else [args.preset]
     if not names:
-        raise DigitlabError(f"--presets {args.presets!r} names no preset; write e.g. --presets best,wide")
+        raise DigitlabError(f"--presets {args.presets!r} names no preset; write e.g. --presets best,fast-long")
     overrides = _recipe_overrides(args)
     recipes = [get_preset(name).with_overrides(**overrides) for name in names]
     training = TrainingProgress(quiet=args.quiet)
