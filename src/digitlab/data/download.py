@@ -11,7 +11,6 @@ import hashlib
 import http.client
 import logging
 import os
-import struct
 import urllib.error
 import urllib.request
 import uuid
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
+from digitlab.data.idx import idx_header
 from digitlab.errors import DigitlabError
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,7 @@ class MnistFile:
 
     @property
     def idx_header(self) -> bytes:
-        return struct.pack(">HBB", 0, 0x08, len(self.shape)) + struct.pack(
-            f">{len(self.shape)}I", *self.shape
-        )
+        return idx_header(self.shape)
 
     @property
     def raw_size(self) -> int:

@@ -107,12 +107,14 @@ def read_idx(path: str | Path) -> np.ndarray:
         raise DigitlabError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
+def idx_header(shape: tuple[int, ...]) -> bytes:
+    """The IDX header of a uint8 array of `shape`: magic (0, 0, type, ndim), then each dimension."""
+    return struct.pack(">HBB", 0, _UINT8, len(shape)) + struct.pack(f">{len(shape)}I", *shape)
+
+
 def encode_idx(array: np.ndarray) -> bytes:
     array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = struct.pack(">HBB", 0, _UINT8, array.ndim) + struct.pack(
-        f">{array.ndim}I", *array.shape
-    )
-    return header + array.tobytes()
+    return idx_header(array.shape) + array.tobytes()
 
 
 def write_idx(path: str | Path, array: np.ndarray) -> None:
