@@ -66,7 +66,8 @@ def read_image(path: Path) -> Image.Image:
         raise DigitlabError(f"{path}: no such file") from None
     except Image.DecompressionBombError as exc:  # not an OSError: PIL's guard against huge images
         raise DigitlabError(f"{path}: image too large ({exc})") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        # PIL reports some damaged files as SyntaxError (a broken PNG chunk) or EOFError
         raise DigitlabError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
 
 
