@@ -265,7 +265,7 @@ def _run_train(args: argparse.Namespace) -> int:
         config = _base_config(args.preset, args.config).with_overrides(**overrides)
     progress = TrainingProgress(quiet=args.quiet)
     try:
-        result = fit(config, out_dir=args.out, resume=args.resume, callbacks=[progress],  # type: ignore[arg-type]
+        result = fit(config, out_dir=args.out, resume=args.resume, callbacks=[progress],
                      progress=False)  # the CLI draws its own bar (TrainingProgress)
     except TrainingInterrupted as stop:
         print(f"\ninterrupted: state saved at epoch {stop.epoch}, step {stop.step}.", file=sys.stderr)

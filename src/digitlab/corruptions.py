@@ -78,7 +78,7 @@ def _erode(x: torch.Tensor, size: int) -> torch.Tensor:
 def _bounding_boxes(images: np.ndarray, threshold: int = 32) -> np.ndarray:
     """(N, 4) inclusive boxes (top, bottom, left, right) of the ink; the whole image if none."""
     ink = images > threshold
-    rows, cols = ink.any(axis=2), ink.any(axis=1)
+    rows, cols = np.asarray(ink.any(axis=2)), np.asarray(ink.any(axis=1))
     h, w = images.shape[1:]
 
     def first_last(m: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -212,8 +212,8 @@ def fog(images: np.ndarray, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     n, h, w = images.shape
     coarse = torch.from_numpy(rng.random((n, 1, 4, 4)).astype(np.float32))
-    haze = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1)
-    haze = haze.squeeze(1).numpy() * rng.uniform(0.4, 0.6, (n, 1, 1))
+    smooth = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1)
+    haze = smooth.squeeze(1).numpy() * rng.uniform(0.4, 0.6, (n, 1, 1))
     return _to_uint8(np.maximum(images / 255.0, haze + images / 255.0 * (1 - haze)))
 
 
@@ -355,11 +355,10 @@ def cut_off(images: np.ndarray, seed: int) -> np.ndarray:
     n, h, w = images.shape
     top, bottom, left, right = _bounding_boxes(images).T
     frac = rng.uniform(0.2, 0.3, n)
-    side = rng.integers(0, 4, n)
+    side = np.asarray(rng.integers(0, 4, n))[:, None, None]
     rows, cols = np.arange(h)[None, :, None], np.arange(w)[None, None, :]
     cut_w = np.ceil((right - left + 1) * frac)[:, None, None]
     cut_h = np.ceil((bottom - top + 1) * frac)[:, None, None]
-    side = side[:, None, None]
     blank = (
         ((side == 0) & (cols < left[:, None, None] + cut_w))
         | ((side == 1) & (cols > right[:, None, None] - cut_w))

@@ -135,9 +135,9 @@ def _train_in_processes(recipes: list[TrainConfig], plans: list[MemberPlan], job
 
 def _write_union_hashes(out_dir: Path, plans: list[MemberPlan]) -> None:
     """The ensemble saw every image any member trained on; members from before hashes were kept: none."""
-    parts = [read_train_hashes(p.run_dir) for p in plans]
-    if all(p is not None for p in parts):
-        write_train_hashes(out_dir, np.concatenate(parts))  # type: ignore[arg-type]
+    parts = [h for h in (read_train_hashes(p.run_dir) for p in plans) if h is not None]
+    if parts and len(parts) == len(plans):
+        write_train_hashes(out_dir, np.concatenate(parts))
     else:
         (out_dir / TRAIN_HASHES_FILE).unlink(missing_ok=True)
 

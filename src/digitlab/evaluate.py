@@ -219,9 +219,8 @@ def evaluate_run(
         data, choice = default_evaluation(folder)
         held_out = HELD_OUT in choice
     data = load_source(data) if isinstance(data, str) else data
-    if not data.has_labels:
-        raise DigitlabError(f"{data.source}: has no labels; evaluation needs a labelled source "
-                            "(e.g. mnist:test, Kaggle train.csv, images:DIR with class folders)")
+    data.require_labels("evaluation needs a labelled source "
+                        "(e.g. mnist:test, Kaggle train.csv, images:DIR with class folders)")
     seen = check_seen(data, run_train_hashes(folder) if folder is not None else None, include_seen)
     measured = data if len(seen.keep) == len(data) else data.subset(seen.keep, data.source)
     # a folder is loaded here; anything else is taken as a loaded predictor (torch or ONNX Runtime)
@@ -229,7 +228,7 @@ def evaluate_run(
     t0 = time.perf_counter()
     probs = predict_proba(predictor, measured.images, tta)
     seconds = time.perf_counter() - t0
-    result = evaluate_predictions(probs, measured.labels)  # type: ignore[arg-type]
+    result = evaluate_predictions(probs, measured.require_labels())
     # mistakes keep their index in the named source, not in the measured subset
     result.misclassified = [replace(m, index=int(seen.keep[m.index])) for m in result.misclassified]
     result.source, result.fingerprint, result.tta, result.seconds = data.source, data.fingerprint, tta, seconds
@@ -261,9 +260,7 @@ def calibrate_run(run_dir: str | Path, data: str | None = None) -> dict[str, Any
     predictor = load_predictor(run_dir, precision="fp32", calibrated=False)
     if data is not None:
         val = load_source(data)
-        if val.labels is None:
-            raise DigitlabError(f"{data}: calibration data has no labels")
-        images, labels, source = val.images, val.labels, data
+        images, labels, source = val.images, val.require_labels("calibration needs labels"), data
     else:
         images, labels, source = _validation_split(predictor.meta, run_dir)
     calibration = calibrate_probs(predictor.predict_proba(images), labels, source)
@@ -278,11 +275,12 @@ def _validation_split(meta: dict[str, Any], run_dir: Path) -> tuple[np.ndarray, 
     config = (meta.get("member_meta") or [meta])[0].get("config", {})
     if config.get("val_data"):
         val = load_source(config["val_data"])
-        return val.images, val.labels, config["val_data"]
+        return val.images, val.require_labels("calibration needs labels"), config["val_data"]
     fraction = float(config.get("val_split", 0) or 0)
     if fraction <= 0 or not config.get("data"):
         raise DigitlabError(f"{run_dir}: the run kept no validation split; pass --data SOURCE (labelled, "
                             "never the test set you report on)")
     data = load_source(config["data"])
-    _, val_idx = split(data.labels, fraction, int(config.get("seed", 0)))
-    return data.images[val_idx], data.labels[val_idx], f"{config['data']}[val]"
+    labels = data.require_labels("cannot rebuild the run's validation split")
+    _, val_idx = split(labels, fraction, int(config.get("seed", 0)))
+    return data.images[val_idx], labels[val_idx], f"{config['data']}[val]"

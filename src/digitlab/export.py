@@ -37,6 +37,8 @@ METADATA_PREFIX = "digitlab."
 class _EnsembleLogits(nn.Module):
     """log(mean softmax) over members: softmax of it gives back the ensemble's mean probabilities."""
 
+    weights: torch.Tensor
+
     def __init__(self, members: list[nn.Module], weights: Any = None) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)

@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from digitlab.config import AugmentConfig
 from digitlab.data.dataset import DigitData
@@ -148,7 +149,7 @@ def draw_epoch_curves(ax_loss: Axes, ax_acc: Axes, records: Records | dict[str, 
     ax_acc.set(title="accuracy per epoch", xlabel="epoch", ylabel="accuracy")
     for ax in (ax_loss, ax_acc):
         _finish_axes(ax)
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _finish_axes(ax: Axes) -> None:

@@ -44,10 +44,10 @@ def run_train_hashes(run_dir: str | Path) -> np.ndarray | None:
     own = read_train_hashes(run_dir)
     if own is not None:
         return own
-    parts = [read_train_hashes(m) for m in members]
-    if not parts or any(p is None for p in parts):
+    parts = [p for p in (read_train_hashes(m) for m in members) if p is not None]
+    if not parts or len(parts) < len(members):
         return None
-    return np.unique(np.concatenate(parts))  # type: ignore[arg-type]
+    return np.unique(np.concatenate(parts))
 
 
 @dataclass(frozen=True)
@@ -127,9 +127,7 @@ def default_evaluation(run_dir: str | Path) -> tuple[DigitData, str]:
     fraction, seed = float(config.get("val_split", 0.0)), int(config.get("seed", 0))
     if fraction > 0:
         data = load_source(source)
-        if data.labels is None:
-            raise DigitlabError(f"{source}: has no labels; cannot rebuild the run's validation split")
-        _, val_idx = split(data.labels, fraction, seed)
+        _, val_idx = split(data.require_labels("cannot rebuild the run's validation split"), fraction, seed)
         val = data.subset(val_idx, f"{source}[val]")
         return val, (f"default: the run's {HELD_OUT} of {source} "
                      f"(val_split {fraction:g}, seed {seed}), rebuilt from its config")

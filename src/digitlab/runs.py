@@ -131,7 +131,8 @@ def _fill_run(row: RunRow, path: Path) -> None:
         header = read_state_header(path / STATE_FILE)
         info = _dict(header.get("info"))
         position = _dict(info.get("position"))
-        history = info.get("history") if isinstance(info.get("history"), list) else []
+        raw_history = info.get("history")
+        history: list[Any] = raw_history if isinstance(raw_history, list) else []
         epoch, step = _int(position.get("epoch")), _int(position.get("step"))
         if epoch is None or step is None:
             raise DigitlabError(f"{STATE_FILE}: its header has no training position")
@@ -161,7 +162,8 @@ def read_ensemble(path: Path, name: str) -> list[RunRow]:
     try:
         manifest = _read_json(path / ENSEMBLE_FILE)
         if manifest is not None:
-            listed = manifest.get("members") if isinstance(manifest.get("members"), list) else []
+            members = manifest.get("members")
+            listed = members if isinstance(members, list) else []
             if not listed or not all(isinstance(m, str) for m in listed):
                 raise DigitlabError(f"{ENSEMBLE_FILE}: lists no members")
             row.preset = _str(manifest.get("preset"))

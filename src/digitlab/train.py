@@ -370,18 +370,14 @@ def _record_block(pending: list[_Pending], state: EpochState, seconds: float, st
 
 def _load_training_data(config: TrainConfig) -> tuple[DigitData, DigitData | None]:
     data = load_source(config.data)
-    if not data.has_labels:
-        raise DigitlabError(f"{config.data}: has no labels; training needs a labelled source "
-                            "(Kaggle train.csv, not test.csv)")
+    labels = data.require_labels("training needs a labelled source (Kaggle train.csv, not test.csv)")
     if config.val_data:
         val = load_source(config.val_data)
-        if not val.has_labels:
-            raise DigitlabError(f"{config.val_data}: validation data has no labels")
+        val.require_labels("validation needs labels")
         return data, val
     if config.val_split == 0:
         return data, None
-    assert data.labels is not None  # has_labels, checked above
-    train_idx, val_idx = split(data.labels, config.val_split, config.seed)
+    train_idx, val_idx = split(labels, config.val_split, config.seed)
     return data.subset(train_idx, f"{config.data}[train]"), data.subset(val_idx, f"{config.data}[val]")
 
 

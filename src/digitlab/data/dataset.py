@@ -33,7 +33,7 @@ def image_hashes(images: np.ndarray) -> np.ndarray:
     accidental collision among a few million images vanishingly unlikely.
     """
     flat = np.ascontiguousarray(images, dtype=np.uint8).reshape(len(images), -1)
-    digests = b"".join(hashlib.blake2b(row, digest_size=8).digest() for row in flat)
+    digests = b"".join(hashlib.blake2b(row.tobytes(), digest_size=8).digest() for row in flat)
     return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
 
 
@@ -72,23 +72,31 @@ class DigitData:
     def has_labels(self) -> bool:
         return self.labels is not None
 
+    def require_labels(self, why: str = "") -> np.ndarray:
+        """The labels, or one clear error naming the source and what needed them."""
+        if self.labels is None:
+            raise DigitlabError(f"{self.source}: has no labels" + (f"; {why}" if why else ""))
+        return self.labels
+
     @property
     def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            object.__setattr__(self, "_fingerprint", fingerprint(self.images, self.labels))
-        return self._fingerprint  # type: ignore[return-value]
+        value = self._fingerprint
+        if value is None:
+            value = fingerprint(self.images, self.labels)
+            object.__setattr__(self, "_fingerprint", value)
+        return value
 
     def image_hashes(self) -> np.ndarray:
         """(N,) uint64 content hash of each image (see `image_hashes`), computed once."""
-        if self._hashes is None:
-            object.__setattr__(self, "_hashes", image_hashes(self.images))
-        return self._hashes  # type: ignore[return-value]
+        value = self._hashes
+        if value is None:
+            value = image_hashes(self.images)
+            object.__setattr__(self, "_hashes", value)
+        return value
 
     def subset(self, index: np.ndarray, source: str | None = None) -> DigitData:
         labels = None if self.labels is None else self.labels[index]
         return DigitData(self.images[index], labels, source or f"{self.source}[subset]")
 
     def class_counts(self) -> np.ndarray:
-        if self.labels is None:
-            raise DigitlabError(f"{self.source}: has no labels")
-        return np.bincount(self.labels, minlength=NUM_CLASSES)
+        return np.bincount(self.require_labels(), minlength=NUM_CLASSES)

@@ -12,7 +12,7 @@ import math
 import struct
 import zlib
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import numpy as np
 
@@ -96,7 +96,7 @@ def read_idx(path: str | Path) -> np.ndarray:
             if not gzipped:
                 return _read_stream(raw, str(path))
             with gzip.GzipFile(fileobj=raw) as fh:
-                return _read_stream(fh, str(path))
+                return _read_stream(cast(BinaryIO, fh), str(path))
     except FileNotFoundError:
         raise DigitlabError(f"{path}: no such file") from None
     except IsADirectoryError:

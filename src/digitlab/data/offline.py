@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib
 import io
 import logging
 import os
@@ -20,6 +21,7 @@ import zipfile
 import zlib
 from importlib import metadata
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -75,9 +77,9 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
             return self._empty_bytes
         if name == "_reconstruct":
             try:  # numpy >= 2 moved the module; the pickle names the 1.x path
-                from numpy._core import multiarray
+                multiarray = importlib.import_module("numpy._core.multiarray")
             except ImportError:  # pragma: no cover - numpy 1.x
-                from numpy.core import multiarray
+                multiarray = importlib.import_module("numpy.core.multiarray")
             return multiarray._reconstruct
         return getattr(np, name)
 
@@ -192,7 +194,7 @@ def _parse_hub_pickle(raw: bytes, source: str, expected_sha256: str) -> dict[str
         raise DigitlabError(f"{source}: corrupt gzip data ({exc})") from None
     parts = restricted_unpickle(blob, source)
     try:
-        (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = parts  # type: ignore[misc]
+        (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = cast(Any, parts)
     except (TypeError, ValueError):
         raise DigitlabError(f"{source}: expected ((train), (valid), (test)) pairs") from None
     arrays = {
@@ -211,7 +213,7 @@ def content_sha256(arrays: dict[str, np.ndarray]) -> str:
     for key in sorted(ARRAY_DTYPES):
         array = np.ascontiguousarray(arrays[key])
         digest.update(f"{key}:{array.dtype.str}:{array.shape};".encode())
-        digest.update(memoryview(array).cast("B"))
+        digest.update(array.data.cast("B"))
     return digest.hexdigest()
 
 
@@ -286,9 +288,9 @@ def load_mnist_arrays(allow_download: bool = True) -> dict[str, np.ndarray]:
         train, test = load_idx_dir(folder, "train"), load_idx_dir(folder, "test")
         arrays = {
             "train_images": train.images,
-            "train_labels": train.labels,
+            "train_labels": train.require_labels(),
             "test_images": test.images,
-            "test_labels": test.labels,
+            "test_labels": test.require_labels(),
         }
         check_mnist(arrays, str(folder))
     else:

@@ -24,7 +24,7 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio.to_thread
 import numpy as np
@@ -152,9 +152,9 @@ class BatchingPredictor:
         if self._closed:
             raise RuntimeError("the inference thread has stopped")
         loop = asyncio.get_running_loop()
-        job = _Job(images, loop, loop.create_future())
-        self._queue.put(job)
-        return await job.future
+        future = loop.create_future()
+        self._queue.put(_Job(images, loop, future))
+        return await future
 
     def predict_proba_blocking(self, images: np.ndarray) -> np.ndarray:
         """The same from outside the event loop (warm-up at start-up)."""
@@ -164,7 +164,8 @@ class BatchingPredictor:
         done.wait()
         if job.error is not None:
             raise job.error
-        return job.result  # type: ignore[return-value]
+        assert job.result is not None  # set with error None by finish()
+        return job.result
 
     def close(self) -> None:
         self._closed = True
@@ -215,9 +216,10 @@ class _Job:
     error: BaseException | None = None
 
     def finish(self, result: np.ndarray | None, error: BaseException | None) -> None:
-        if self.loop is None:
+        if self.loop is None or self.future is None:  # a blocking job: predict_proba_blocking waits on `done`
             self.result, self.error = result, error
-            self.done.set()  # type: ignore[union-attr]
+            if self.done is not None:
+                self.done.set()
             return
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (server shutting down)
             self.loop.call_soon_threadsafe(_settle, self.future, result, error)
@@ -240,7 +242,7 @@ def decode_upload(data: bytes, limits: Limits) -> Image.Image:
         with warnings.catch_warnings():
             # A DecompressionBombWarning (more pixels than PIL's default cap) is refused as an error.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+            image: Image.Image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             width, height = image.size  # from the header: nothing is decoded yet
             if max(width, height) > limits.max_side:
                 raise ApiError(413, f"image is {width}x{height} pixels; the limit is {limits.max_side} "
@@ -251,7 +253,7 @@ def decode_upload(data: bytes, limits: Limits) -> Image.Image:
                                f"the limit is {limits.max_pixels / 1e6:.1f} megapixels")
             image.load()
             image = upright(image)
-            if image.mode == "RGBA" and image.getextrema()[3] == (255, 255):
+            if image.mode == "RGBA" and cast(Any, image.getextrema())[3] == (255, 255):
                 # Canvas PNGs are RGBA but opaque: compositing onto white would change nothing
                 # and costs more than the rest of the preprocessing.
                 image = image.convert("RGB")
@@ -535,11 +537,11 @@ def create_app(model: str | Path | ProbabilityModel, *, backend: str = "onnx", l
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"detail": f"internal error ({exc.__class__.__name__})"}, status_code=500)
 
-    errors = {status: {"model": ErrorOut} for status in (413, 415, 422)}
+    errors: dict[int | str, dict[str, Any]] = {status: {"model": ErrorOut} for status in (413, 415, 422)}
 
     @app.post("/v1/predict", response_model=None, openapi_extra=PREDICT_BODY,
               responses={200: {"model": PredictionOut | BatchPredictionOut}, **errors})
-    async def predict(request: Request) -> JSONResponse:
+    async def predict(request: Request) -> Response:
         """Predict one image (upload or `pixels`) or a batch (`images`, up to 256)."""
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type == "multipart/form-data":
@@ -555,8 +557,8 @@ def create_app(model: str | Path | ProbabilityModel, *, backend: str = "onnx", l
         raise ApiError(415, f"unsupported content type {content_type or '(none)'!r}; send multipart/form-data "
                        "with the image in field 'file', or application/json with 'pixels' or 'images'")
 
-    @app.get("/v1/model")
-    async def model() -> dict[str, Any]:
+    @app.get("/v1/model", operation_id="model_v1_model_get")
+    async def model_route() -> dict[str, Any]:
         """Preset, metrics, weights fingerprint, parameter count, input contract and limits."""
         return info
 
