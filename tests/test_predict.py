@@ -133,7 +133,7 @@ def test_bad_arrays_are_reported_and_the_rest_predicted(tiny_run: Path, digits: 
     captured = capsys.readouterr()
     assert code == 2
     assert len(list(csv.DictReader(io.StringIO(captured.out)))) == 4
-    assert "wrong.npy: array of shape (4, 700) (700 pixels per image)" in captured.err
+    assert "wrong.npy: got shape [4, 700] (700 pixels per image)" in captured.err
     assert "idx1-ubyte: an IDX label file" in captured.err
     assert "missing.png: no such file" in captured.err
 

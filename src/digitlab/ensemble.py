@@ -188,19 +188,24 @@ def train_ensemble(
     else:
         _train_in_processes(recipes, todo, jobs, out_dir, emit)
     _write_union_hashes(out_dir, plans)
+    atomic_write_json(out_dir / ENSEMBLE_FILE, _manifest(recipes, plans, weights))
+    emit({"event": "ensemble_end", "out": str(out_dir)})
+    return out_dir
+
+
+def _manifest(recipes: list[TrainConfig], plans: list[MemberPlan], weights: str) -> dict[str, Any]:
+    """ensemble.json: members, their seeds and recipes, and how their probabilities are averaged."""
     manifest: dict[str, Any] = {
         "kind": "ensemble",
         "preset": ",".join(dict.fromkeys(r.preset for r in recipes)),
         "members": [p.run_dir.name for p in plans],
         "seeds": [p.seed for p in plans],
         "presets": [recipes[p.recipe].preset for p in plans],
-        "config": config.to_dict(),
+        "config": recipes[0].to_dict(),
         "weighting": weights,
     }
     if len(recipes) > 1:
         manifest["configs"] = [r.to_dict() for r in recipes]
     if weights == "logloss":
         manifest["weights"] = logloss_weights([p.run_dir for p in plans])
-    atomic_write_json(out_dir / ENSEMBLE_FILE, manifest)
-    emit({"event": "ensemble_end", "out": str(out_dir)})
-    return out_dir
+    return manifest

@@ -208,9 +208,9 @@ class OnnxPredictor:
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """(N, 10) float32 logits for uint8 images (N, 28, 28)."""
-        from digitlab.inference import _check_images
+        from digitlab.pixels import as_uint8_images
 
-        images = _check_images(images)
+        images = as_uint8_images(images, "images")
         scale = float(self.meta.get("input", INPUT_NORMALISATION).get("scale", 1 / 255))
         out = [np.empty((0, 10), np.float32)]
         for start in range(0, len(images), self.batch_size):

@@ -20,6 +20,7 @@ from digitlab.augment import rotate, translate
 from digitlab.calibration import apply_run_calibration, calibration_meta
 from digitlab.checkpoint import load_model
 from digitlab.errors import DigitlabError
+from digitlab.pixels import as_uint8_images
 from digitlab.rundir import ENSEMBLE_FILE, MODEL_META, ensemble_members, is_ensemble
 from digitlab.runtime import predict_logits, prepare_model, resolve_device, resolve_precision
 
@@ -61,7 +62,7 @@ class Predictor:
 
     def member_proba(self, images: np.ndarray) -> np.ndarray:
         """(M, N, 10) float32 probabilities of each member for uint8 images (N, 28, 28)."""
-        images = _check_images(images)
+        images = as_uint8_images(images, "images")
         x = torch.from_numpy(images)
         out = [
             torch.softmax(predict_logits(m, x, self.batch_size, self.precision, self.device), dim=1).cpu().numpy()
@@ -125,19 +126,6 @@ def tta_proba(predictor: ProbabilityModel, images: np.ndarray, views: Sequence[t
 
 def predict_proba(predictor: ProbabilityModel, images: np.ndarray, tta: bool = False) -> np.ndarray:
     return tta_proba(predictor, images) if tta else predictor.predict_proba(images)
-
-
-def _check_images(images: np.ndarray) -> np.ndarray:
-    images = np.asarray(images)
-    if images.ndim == 2 and images.shape[1] == 784:
-        images = images.reshape(-1, 28, 28)
-    if images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise DigitlabError(f"expected images of shape (N, 28, 28) or (N, 784), got {images.shape}")
-    if images.dtype != np.uint8:
-        if not np.isfinite(images).all() or images.min() < 0 or images.max() > 255:
-            raise DigitlabError("pixel values must be finite and within 0..255")
-        images = np.rint(images).astype(np.uint8)
-    return images
 
 
 def load_predictor(path: str | Path, precision: str = "auto", device: str = "cpu",

@@ -25,6 +25,7 @@ from digitlab.data.kaggle import load_kaggle_csv
 from digitlab.errors import DigitlabError
 from digitlab.export import open_predictor
 from digitlab.inference import ProbabilityModel, predict_proba
+from digitlab.pixels import as_uint8_images
 from digitlab.preprocess import load_image_file
 
 log = logging.getLogger(__name__)
@@ -79,32 +80,15 @@ def _is_idx(path: Path) -> bool:
 
 
 def _as_images(array: np.ndarray, path: Path) -> np.ndarray:
-    """(N, 28, 28) or (N, 784) (or one (28, 28) image) of 0..255 values -> uint8 (N, 28, 28)."""
-    if array.ndim == 2 and array.shape == (28, 28):
-        array = array[None]
-    if array.ndim == 2 and array.shape[1] == 784:
-        array = array.reshape(-1, 28, 28)
-    if array.ndim != 3 or array.shape[1:] != (28, 28):
-        per_image = int(np.prod(array.shape[1:])) if array.ndim >= 2 else array.size
-        raise DigitlabError(
-            f"{path}: array of shape {array.shape} ({per_image} pixels per image), expected (N, 28, 28) "
-            "or (N, 784)"
-        )
-    if len(array) == 0:
+    """An array file's images as uint8 (N, 28, 28); float images within [0, 1] are scaled by 255."""
+    images = as_uint8_images(array, str(path))
+    if len(images) == 0:
         raise DigitlabError(f"{path}: holds 0 images, expected at least one")
-    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
-        raise DigitlabError(f"{path}: dtype {array.dtype}, expected numbers 0..255")
-    if array.dtype == np.uint8:
-        return array
-    values = array.astype(np.float64)
-    if not np.isfinite(values).all():
-        raise DigitlabError(f"{path}: holds NaN or infinite values")
-    if np.issubdtype(array.dtype, np.floating) and values.size and values.min() >= 0 and values.max() <= 1:
-        values = values * 255  # float images scaled to [0, 1], as a model's input would be
+    if array.dtype.kind == "f" and array.size and array.min() >= 0 and array.max() <= 1:
+        # float images scaled to [0, 1], as a model's input would be (checked finite above)
         log.info("%s: float values within [0, 1]: scaled by 255", path)
-    if values.size and (values.min() < 0 or values.max() > 255):
-        raise DigitlabError(f"{path}: values {values.min():g}..{values.max():g}, expected 0..255")
-    return np.rint(values).astype(np.uint8)
+        images = np.rint(array.astype(np.float64).reshape(images.shape) * 255).astype(np.uint8)
+    return images
 
 
 def _load_npy(path: Path) -> np.ndarray:

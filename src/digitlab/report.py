@@ -11,6 +11,7 @@ import html
 import io
 import json
 import logging
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -149,20 +150,16 @@ def write_report(run_dir: str | Path, data: str | DigitData | None = None, out: 
     `data=None`: the run's default evaluation set (digitlab.overlap.default_evaluation); images the
     run trained on are left out of the figures unless `include_seen`.
     """
-    from digitlab.checkpoint import versions
     from digitlab.data import load_source
     from digitlab.errors import DigitlabError
     from digitlab.evaluate import evaluate_run
     from digitlab.inference import load_predictor
-    from digitlab.models import summary_text
-    from digitlab.rundir import CONFIG_FILE, read_metrics
+    from digitlab.overlap import default_evaluation
 
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "report" / "report.html"
     if out.suffix.lower() not in (".html", ".htm"):
         raise DigitlabError(f"{out}: the report is HTML; give a file name ending in .html")
-    from digitlab.overlap import default_evaluation
-
     choice = "named by the caller"
     if data is None:
         data, choice = default_evaluation(run_dir)
@@ -172,18 +169,32 @@ def write_report(run_dir: str | Path, data: str | DigitData | None = None, out: 
     result.extra["data_choice"] = choice
     for note in result.extra["notes"]:
         log.warning("%s", note)  # the HTML says it too, but the person at the terminal should hear it
-    seen = result.extra["seen_in_training"]
-    seen_card = ("not checked" if seen is None else f"{seen:,} " + ("counted" if include_seen else "left out"),
-                 "images seen in training")
     members = _run_folders(run_dir)
-    first_meta = predictor.meta.get("member_meta", [predictor.meta])[0]  # an ensemble: its first member
-    shown_members = members[:5]  # more curves than that are unreadable on one axis
+    histories = _training_histories(run_dir, members)
+    figures = _draw_figures(data, result, histories, run_dir, max_mistakes)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for key, png in figures.items():
+        (out.parent / FIGURE_FILES[key]).write_bytes(png)
+    report = _Report(run_dir, members, predictor, result, data, figures, histories, tta, max_mistakes,
+                     include_seen)
+    out.write_text(report.page(), encoding="utf-8")
+    log.info("wrote %s with %d figures", out, len(figures))
+    return out
+
+
+def _training_histories(run_dir: Path, members: list[Path]) -> dict[str, list[dict[str, Any]]]:
+    """Per-batch/epoch records to plot: the run's own, or the first five members' (more is unreadable)."""
+    from digitlab.rundir import read_metrics
+
     if len(members) == 1:
         histories = {run_dir.name: read_metrics(run_dir)}
     else:
-        histories = {f"member {i + 1} ({m.name})": read_metrics(m) for i, m in enumerate(shown_members)}
-    histories = {k: v for k, v in histories.items() if v}
+        histories = {f"member {i + 1} ({m.name})": read_metrics(m) for i, m in enumerate(members[:5])}
+    return {k: v for k, v in histories.items() if v}
 
+
+def _draw_figures(data: DigitData, result: Any, histories: dict[str, list[dict[str, Any]]], run_dir: Path,
+                  max_mistakes: int) -> dict[str, bytes]:
     figures: dict[str, bytes] = {
         "samples": draw.figure_png(draw.sample_grid_figure(data, n=20, seed=0, cols=10)),
         "confusion": draw.figure_png(draw.confusion_figure(result.confusion)),
@@ -195,95 +206,132 @@ def write_report(run_dir: str | Path, data: str | DigitData | None = None, out: 
     calibration = _read_json(run_dir / "calibration.json")
     if calibration and "before" in calibration:
         figures["calibration"] = draw.figure_png(draw.reliability_figure(calibration))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for key, png in figures.items():
-        (out.parent / FIGURE_FILES[key]).write_bytes(png)
+    return figures
 
-    def figure(key: str, alt: str) -> str:
-        return _img(figures[key], alt, FIGURE_FILES[key]) if key in figures else ""
 
-    # ---- facts about the run
-    config = _read_json(members[0] / CONFIG_FILE) or {}
-    train_cfg = config.get("config", first_meta.get("config", {}))
-    data_info = config.get("data", first_meta.get("data", {}))
-    epoch_records = [r for r in read_metrics(members[0]) if r.get("type") == "epoch"]
-    speed = [r["images_per_s"] for r in epoch_records if "images_per_s" in r]
-    title = f"{run_dir.name}: {first_meta.get('preset', '?')} / {first_meta.get('model', '?')}"
-    if predictor.members > 1:
-        title += f", ensemble of {predictor.members}"
+@dataclass
+class _Report:
+    """Everything the page shows, and the page itself: facts (cards, tables) then the template."""
 
-    cards = [
-        (f"{100 * result.accuracy:.2f}%", f"accuracy on {result.source}"),
-        (f"{result.errors:,}", f"errors of {result.total:,}"),
-        seen_card,
-        (f"{result.mean_confidence:.4f}", "mean confidence"),
-        (f"{result.macro_f1:.4f}", "macro F1"),
-        (f"{first_meta.get('parameters', 0):,}", "parameters"),
-        (_fmt_seconds(sum(r.get("train_seconds", 0) for m in members for r in read_metrics(m)
-                          if r.get("type") == "epoch") or None),
-         "training time" + (f" ({len(members)} members)" if len(members) > 1 else "")),
-    ]
-    per_class_rows = "".join(
-        f"<tr><td>{c.digit}</td><td>{c.precision:.4f}</td><td>{c.recall:.4f}</td><td>{c.f1:.4f}</td>"
-        f"<td>{c.support:,}</td></tr>" for c in result.per_class
-    )
-    run_info = [
-        ("run folder", run_dir.resolve()),
-        ("members", ", ".join(m.name for m in members)),
-        ("evaluated data", f"{result.source} ({result.total:,} of {result.extra['source_count']:,} images measured)"),
-        ("how it was chosen", choice),
-        *(("overlap with training data", note) for note in result.extra["notes"]),
-        ("evaluated data fingerprint", result.fingerprint),
-        ("training data", f"{data_info.get('train_source')} ({data_info.get('train_count', 0):,} images)"),
-        ("training data fingerprint", data_info.get("train_fingerprint")),
-        ("validation data", f"{data_info.get('val_source')} ({data_info.get('val_count', 0):,} images)"),
-        ("validation data fingerprint", data_info.get("val_fingerprint")),
-        ("training time (optimisation)", _fmt_seconds(first_meta.get("train_seconds"))),
-        ("training speed", f"{max(speed):,.0f} images/s (best epoch)" if speed else "n/a"),
-        ("training device / precision", f"{config.get('resolved', {}).get('device', '?')} / "
-                                        f"{first_meta.get('precision', '?')}"),
-        ("started", config.get("started", "?")),
-        ("evaluation time", f"{result.seconds:.2f} s ({result.total / max(result.seconds, 1e-9):,.0f} "
-                            f"images/s, {predictor.precision}{', TTA' if tta else ''})"),
-        *((f"versions at training: {k}", v) for k, v in first_meta.get("versions", {}).items()),
-        *((f"versions now: {k}", v) for k, v in versions().items()),
-        ("report written", datetime.now().isoformat(timespec="seconds")),
-    ]
-    nav = "".join(f'<a href="#{s}">{s}</a>' for s in REPORT_SECTIONS)
-    body = f"""
-<h1>{_esc(title)}</h1>
+    run_dir: Path
+    members: list[Path]
+    predictor: Any
+    result: Any
+    data: DigitData
+    figures: dict[str, bytes]
+    histories: dict[str, list[dict[str, Any]]]
+    tta: bool
+    max_mistakes: int
+    include_seen: bool
+
+    def __post_init__(self) -> None:
+        from digitlab.rundir import CONFIG_FILE
+
+        self.first_meta = self.predictor.meta.get("member_meta", [self.predictor.meta])[0]  # an ensemble: 1st member
+        self.config = _read_json(self.members[0] / CONFIG_FILE) or {}
+        self.choice = self.result.extra["data_choice"]
+        self.title = f"{self.run_dir.name}: {self.first_meta.get('preset', '?')} / {self.first_meta.get('model', '?')}"
+        if self.predictor.members > 1:
+            self.title += f", ensemble of {self.predictor.members}"
+
+    def figure(self, key: str, alt: str) -> str:
+        return _img(self.figures[key], alt, FIGURE_FILES[key]) if key in self.figures else ""
+
+    def cards(self) -> list[tuple[str, str]]:
+        from digitlab.rundir import read_metrics
+
+        result, seen, members = self.result, self.result.extra["seen_in_training"], self.members
+        seen_text = "not checked" if seen is None else f"{seen:,} " + ("counted" if self.include_seen else "left out")
+        train_seconds = sum(r.get("train_seconds", 0) for m in members for r in read_metrics(m)
+                            if r.get("type") == "epoch")
+        return [
+            (f"{100 * result.accuracy:.2f}%", f"accuracy on {result.source}"),
+            (f"{result.errors:,}", f"errors of {result.total:,}"),
+            (seen_text, "images seen in training"),
+            (f"{result.mean_confidence:.4f}", "mean confidence"),
+            (f"{result.macro_f1:.4f}", "macro F1"),
+            (f"{self.first_meta.get('parameters', 0):,}", "parameters"),
+            (_fmt_seconds(train_seconds or None),
+             "training time" + (f" ({len(members)} members)" if len(members) > 1 else "")),
+        ]
+
+    def run_info(self) -> list[tuple[str, Any]]:
+        from digitlab.checkpoint import versions
+        from digitlab.rundir import read_metrics
+
+        result, meta, config = self.result, self.first_meta, self.config
+        data_info = config.get("data", meta.get("data", {}))
+        epochs = [r for r in read_metrics(self.members[0]) if r.get("type") == "epoch"]
+        speed = [r["images_per_s"] for r in epochs if "images_per_s" in r]
+        return [
+            ("run folder", self.run_dir.resolve()),
+            ("members", ", ".join(m.name for m in self.members)),
+            ("evaluated data", f"{result.source} ({result.total:,} of {result.extra['source_count']:,} "
+                               "images measured)"),
+            ("how it was chosen", self.choice),
+            *(("overlap with training data", note) for note in result.extra["notes"]),
+            ("evaluated data fingerprint", result.fingerprint),
+            ("training data", f"{data_info.get('train_source')} ({data_info.get('train_count', 0):,} images)"),
+            ("training data fingerprint", data_info.get("train_fingerprint")),
+            ("validation data", f"{data_info.get('val_source')} ({data_info.get('val_count', 0):,} images)"),
+            ("validation data fingerprint", data_info.get("val_fingerprint")),
+            ("training time (optimisation)", _fmt_seconds(meta.get("train_seconds"))),
+            ("training speed", f"{max(speed):,.0f} images/s (best epoch)" if speed else "n/a"),
+            ("training device / precision", f"{config.get('resolved', {}).get('device', '?')} / "
+                                            f"{meta.get('precision', '?')}"),
+            ("started", config.get("started", "?")),
+            ("evaluation time", f"{result.seconds:.2f} s ({result.total / max(result.seconds, 1e-9):,.0f} "
+                                f"images/s, {self.predictor.precision}{', TTA' if self.tta else ''})"),
+            *((f"versions at training: {k}", v) for k, v in meta.get("versions", {}).items()),
+            *((f"versions now: {k}", v) for k, v in versions().items()),
+            ("report written", datetime.now().isoformat(timespec="seconds")),
+        ]
+
+    def body(self) -> str:
+        from digitlab.models import summary_text
+
+        result, members, figure = self.result, self.members, self.figure
+        train_cfg = self.config.get("config", self.first_meta.get("config", {}))
+        per_class_rows = "".join(
+            f"<tr><td>{c.digit}</td><td>{c.precision:.4f}</td><td>{c.recall:.4f}</td><td>{c.f1:.4f}</td>"
+            f"<td>{c.support:,}</td></tr>" for c in result.per_class
+        )
+        cards = "".join(f'<div class="card"><div class="v">{_esc(v)}</div><div class="k">{_esc(k)}</div></div>'
+                        for v, k in self.cards())
+        nav = "".join(f'<a href="#{s}">{s}</a>' for s in REPORT_SECTIONS)
+        return f"""
+<h1>{_esc(self.title)}</h1>
 <p class="sub">digitlab run report &middot; {_esc(result.source)} &middot;
-{'test-time augmentation &middot; ' if tta else ''}{_esc(datetime.now().strftime('%Y-%m-%d %H:%M'))}</p>
-<p class="sub">Evaluated data: {_esc(choice)}.
+{'test-time augmentation &middot; ' if self.tta else ''}{_esc(datetime.now().strftime('%Y-%m-%d %H:%M'))}</p>
+<p class="sub">Evaluated data: {_esc(self.choice)}.
 {''.join(f"<br><strong>{_esc(n)}</strong>" for n in result.extra["notes"])}</p>
 <nav>{nav}</nav>
 <section id="summary"><h2>Summary</h2><div class="cards">
-{''.join(f'<div class="card"><div class="v">{_esc(v)}</div><div class="k">{_esc(k)}</div></div>' for v, k in cards)}
+{cards}
 </div></section>
 <section id="samples"><h2>Sample of the evaluated data</h2>
 <p>The first 20 images chosen with seed 0, with their labels.</p>{figure("samples", "sample digits")}</section>
 <section id="training"><h2>Training curves</h2>
 {figure("training", "training curves") or "<p>No metrics.jsonl found: no training curves.</p>"}
-{f"<p>Showing {len(histories)} of {len(members)} members.</p>" if len(members) > 1 else ""}</section>
+{f"<p>Showing {len(self.histories)} of {len(members)} members.</p>" if len(members) > 1 else ""}</section>
 <section id="confusion"><h2>Confusion matrix</h2>{figure("confusion", "confusion matrix")}</section>
 <section id="per-class"><h2>Per-class results</h2>{figure("per-class", "per-class error rates")}
 <table><tr><th>digit</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{per_class_rows}</table>
 </section>
 <section id="mistakes"><h2>Misclassified digits</h2>
-<p>{min(max_mistakes, result.errors)} of {result.errors} mistakes, most confident first; under each, the
+<p>{min(self.max_mistakes, result.errors)} of {result.errors} mistakes, most confident first; under each, the
 three most likely digits with their probabilities ({FIGURE_FILES["mistakes"]} beside this page shows the
-same as one picture).</p>{mistakes_html(data.images, result.misclassified, max_mistakes)}</section>
-{calibration_section(run_dir, figures.get("calibration"))}
-<section id="model"><h2>Model</h2><pre>{_esc(summary_text(predictor.models[0], title))}</pre></section>
+same as one picture).</p>{mistakes_html(self.data.images, result.misclassified, self.max_mistakes)}</section>
+{calibration_section(self.run_dir, self.figures.get("calibration"))}
+<section id="model"><h2>Model</h2><pre>{_esc(summary_text(self.predictor.models[0], self.title))}</pre></section>
 <section id="config"><h2>Training configuration</h2><pre>{_esc(json.dumps(train_cfg, indent=2))}</pre></section>
-<section id="run-info"><h2>Data, versions and timings</h2>{_kv_table(run_info)}</section>
+<section id="run-info"><h2>Data, versions and timings</h2>{_kv_table(self.run_info())}</section>
 """
-    page = f"""<!DOCTYPE html>
+
+    def page(self) -> str:
+        return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{_esc(title)}</title><style>{_CSS}</style></head>
-<body>{body}</body></html>
+<title>{_esc(self.title)}</title><style>{_CSS}</style></head>
+<body>{self.body()}</body></html>
 """
-    out.write_text(page, encoding="utf-8")
-    log.info("wrote %s with %d figures", out, len(figures))
-    return out

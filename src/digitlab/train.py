@@ -488,23 +488,40 @@ def fit(
     return _finish(run)
 
 
+def _run_folder(config: TrainConfig | None, out_dir: str | Path | None,
+                resume: str | Path | None) -> tuple[TrainConfig, Path, bool]:
+    """(config, run folder, restart): a resumed run's own config, or the given one and a fresh folder."""
+    if resume is not None:
+        run_dir = Path(resume)
+        resumed = _read_run_config(run_dir)
+        if not (run_dir / STATE_FILE).exists() and not (run_dir / MODEL_FILE).exists():
+            raise DigitlabError(f"{run_dir}: no checkpoint to resume from (the run stopped before its first "
+                                f"epoch ended); start it afresh with --out {run_dir}")
+        return resumed, run_dir, False
+    if config is None:
+        raise DigitlabError("fit needs a config or a run folder to resume")
+    config = config.validate()
+    run_dir = Path(out_dir) if out_dir is not None else _default_run_dir(config.preset)
+    return config, run_dir, _unstarted_run(run_dir)
+
+
+def _data_info(config: TrainConfig, train_data: DigitData, val_data: DigitData | None) -> dict[str, Any]:
+    """What the run trained and validated on, for config.json and model.json."""
+    return {
+        "train_source": config.data,
+        "train_fingerprint": train_data.fingerprint,
+        "train_count": len(train_data),
+        "val_source": val_data.source if val_data is not None else None,
+        "val_fingerprint": val_data.fingerprint if val_data is not None else None,
+        "val_count": len(val_data) if val_data is not None else 0,
+    }
+
+
 def _open_run(config: TrainConfig | None, out_dir: str | Path | None, resume: str | Path | None,
               callbacks: list[Callback], data: tuple[DigitData, DigitData | None] | None) -> _Run:
     """Resolve the config, the folder, the device and the data; build the model and optimizer."""
     ctx = distributed.context_from_env()
-    restart = False
-    if resume is not None:
-        run_dir = Path(resume)
-        config = _read_run_config(run_dir)
-        if not (run_dir / STATE_FILE).exists() and not (run_dir / MODEL_FILE).exists():
-            raise DigitlabError(f"{run_dir}: no checkpoint to resume from (the run stopped before its first "
-                                f"epoch ended); start it afresh with --out {run_dir}")
-    else:
-        if config is None:
-            raise DigitlabError("fit needs a config or a run folder to resume")
-        config = config.validate()
-        run_dir = Path(out_dir) if out_dir is not None else _default_run_dir(config.preset)
-        restart = _unstarted_run(run_dir)
+    config, run_dir, restart = _run_folder(config, out_dir, resume)
     if config.batch_size % ctx.world_size:
         raise DigitlabError(f"batch size {config.batch_size} does not split evenly over {ctx.world_size} processes")
 
@@ -540,14 +557,7 @@ def _open_run(config: TrainConfig | None, out_dir: str | Path | None, resume: st
         # validation data on the device too: evaluation then moves nothing per batch
         val_images=on_device(val_data.images) if val_data is not None else None,
         val_labels=on_device(val_data.labels) if val_data is not None else None,
-        data_info={
-            "train_source": config.data,
-            "train_fingerprint": train_data.fingerprint,
-            "train_count": len(train_data),
-            "val_source": val_data.source if val_data is not None else None,
-            "val_fingerprint": val_data.fingerprint if val_data is not None else None,
-            "val_count": len(val_data) if val_data is not None else 0,
-        },
+        data_info=_data_info(config, train_data, val_data),
         train_data=train_data, metrics=MetricsLog(run_dir / METRICS_FILE), emit=emit, restart=restart,
     )
 

@@ -39,6 +39,7 @@ from digitlab.abstain import abstain_reasons, min_confidence
 from digitlab.calibration import DEFAULT_MIN_CONFIDENCE
 from digitlab.data.images import upright
 from digitlab.errors import DigitlabError
+from digitlab.pixels import PIXELS, as_uint8_images
 from digitlab.serve.docs import add_offline_docs
 
 if TYPE_CHECKING:  # torch loads with the model, not with the module
@@ -47,7 +48,7 @@ if TYPE_CHECKING:  # torch loads with the model, not with the module
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(str(files("digitlab.serve") / "static"))
-PIXELS = 28 * 28
+
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what Pillow may decode; never EPS/PSD/...
 MULTIPART_OVERHEAD = 16 * 1024  # boundaries and part headers around the file, bytes
 INLINE_BYTES = 16 * 1024  # JSON this small is parsed/written on the event loop (a thread hop costs more)
@@ -313,31 +314,6 @@ def _reduce_while_decoding(image: Image.Image, max_pixels: int) -> None:
     image.draft(image.mode, (max(1, width // factor), max(1, height // factor)))
 
 
-def _pixel_array(value: Any, where: str) -> np.ndarray:
-    """784 numbers (flat or 28 rows of 28) in 0..255 -> uint8 (28, 28); 422 with the reason otherwise.
-
-    The checks run on Python numbers: numpy's reductions release the interpreter lock and then
-    queue to get it back behind the inference thread, which cost more than the checks themselves.
-    """
-    try:
-        array = np.asarray(value)
-    except (ValueError, OverflowError):  # ragged nesting, numbers too big for any dtype
-        array = None
-    if array is None or array.dtype.kind not in "iuf":
-        raise ApiError(422, f"{where}: expected a list of {PIXELS} numbers in 0..255 (28x28 row by row)")
-    if array.size != PIXELS or array.shape not in ((PIXELS,), (28, 28)):
-        raise ApiError(422, f"{where}: expected {PIXELS} numbers (28x28), got shape {list(array.shape)}")
-    flat = array.ravel().tolist()
-    if array.dtype.kind == "f":
-        if not all(map(math.isfinite, flat)):
-            raise ApiError(422, f"{where}: values must be finite numbers in 0..255; found NaN or infinity")
-        flat = [round(v) for v in flat]  # half to even, as np.rint
-    low, high = min(flat), max(flat)
-    if low < 0 or high > 255:
-        raise ApiError(422, f"{where}: values must lie in 0..255; found {low if low < 0 else high:g}")
-    return np.array(flat, dtype=np.uint8).reshape(28, 28)
-
-
 def parse_json_images(body: bytes, limits: Limits) -> tuple[np.ndarray, bool]:
     """JSON body -> (uint8 (N, 28, 28), is_batch)."""
     try:
@@ -353,13 +329,13 @@ def parse_json_images(body: bytes, limits: Limits) -> tuple[np.ndarray, bool]:
     if not isinstance(payload, dict) or ("pixels" in payload) == ("images" in payload):
         raise ApiError(422, usage)
     if "pixels" in payload:
-        return _pixel_array(payload["pixels"], "pixels")[None], False
+        return as_uint8_images(payload["pixels"], "pixels", one=True)[None], False
     images = payload["images"]
     if not isinstance(images, list) or not images:
         raise ApiError(422, "images: expected a non-empty list of images, each 784 numbers")
     if len(images) > limits.max_batch:
         raise ApiError(413, f"images: {len(images)} images; the limit is {limits.max_batch} per request")
-    return np.stack([_pixel_array(item, f"images[{i}]") for i, item in enumerate(images)]), True
+    return np.stack([as_uint8_images(item, f"images[{i}]", one=True) for i, item in enumerate(images)]), True
 
 
 def _finite(value: Any) -> Any:
@@ -375,7 +351,7 @@ def _finite(value: Any) -> Any:
 
 def _predictions(probs: np.ndarray, images: np.ndarray, min_confidence: float = DEFAULT_MIN_CONFIDENCE
                  ) -> list[dict[str, Any]]:
-    """Response objects; plain Python on lists, for the same reason as in _pixel_array."""
+    """Response objects; plain Python on lists, for the same reason as in digitlab.pixels."""
     out = []
     reasons = abstain_reasons(images, probs, min_confidence)
     for p, image, reason in zip(probs.tolist(), images.tolist(), reasons, strict=True):
@@ -444,60 +420,11 @@ def create_app(model: str | Path | ProbabilityModel, *, backend: str = "onnx", l
     lone request takes ~1 ms instead of ~2 ms.
     `torch_threads` sets torch's intra-op threads on the inference thread (None: leave as is).
     """
-    from digitlab.preprocess import BlankImageError, mnist_style
-
     limits = limits or Limits()
     predictor = _load(model, backend)
     inference = BatchingPredictor(predictor, torch_threads=torch_threads)
     inference.predict_proba_blocking(np.zeros((1, 28, 28), np.uint8))  # warm-up: the first pass is slow
-    info = model_info(predictor, limits)
-    threshold = min_confidence(predictor.meta)
-
-    def preprocess_upload(data: bytes, large: bool) -> np.ndarray:
-        image = decode_upload(data, limits)
-        try:
-            return mnist_style(image, name="upload")[None]  # (1, 28, 28)
-        except BlankImageError:
-            # answered as the blank 28x28 JSON image is: the model's guess, flagged "too little ink"
-            return np.zeros((1, 28, 28), np.uint8)
-        finally:
-            del image
-            if large:
-                trim_heap()
-
-    def render(probs: np.ndarray, images: np.ndarray, batch: bool) -> bytes:
-        predictions = _predictions(probs, images, threshold)
-        return json.dumps({"predictions": predictions} if batch else predictions[0],
-                          separators=(",", ":")).encode()
-
-    async def off_loop(fn: Callable[..., T], *args: Any) -> T:
-        # anyio's shared pool (40 threads), not a pool of one per core: images that finish
-        # preprocessing together reach the inference thread together and share a pass,
-        # which saves more than the extra threads cost (measured: 3.0 vs 3.8 ms CPU per upload).
-        return await anyio.to_thread.run_sync(fn, *args)
-
-    async def off_loop_if_large(size: int, fn: Callable[..., T], *args: Any) -> T:
-        """Small work (one image's JSON: ~0.1 ms) inline; anything bigger on a worker thread."""
-        return fn(*args) if size <= INLINE_BYTES else await off_loop(fn, *args)
-
-    large_decodes = asyncio.Semaphore(limits.max_decoding)
-
-    async def decode(data: bytes) -> np.ndarray:
-        """An upload decoded and preprocessed on a worker thread; large ones `max_decoding` at a time.
-
-        Small images (the drawing page's 280x280 PNGs) skip the queue: decoded in parallel they
-        reach the inference thread together and share a pass. Waiting here rather than on a
-        worker thread keeps large decodes on few threads, hence few malloc arenas: with a
-        thread-side lock 16 uploads at 2048x2048 left +246 MB resident, this way +21 to +69 MB.
-        """
-        large = _header_pixels(data) > SMALL_IMAGE_PIXELS  # header only: 13-200 us on the loop
-        async with large_decodes if large else contextlib.nullcontext():
-            return await off_loop(preprocess_upload, data, large)
-
-    async def answer(images: np.ndarray, batch: bool) -> Response:
-        probs = await inference.predict_proba(images)
-        body = await off_loop_if_large(len(images) * PIXELS * 4, render, probs, images, batch)
-        return Response(body, media_type="application/json")
+    pipeline = _Pipeline(inference, limits, min_confidence(predictor.meta))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -517,7 +444,82 @@ def create_app(model: str | Path | ProbabilityModel, *, backend: str = "onnx", l
     )
     add_offline_docs(app)
     app.state.predictor, app.state.limits = predictor, limits
+    _add_error_handlers(app)
+    _add_routes(app, pipeline, model_info(predictor, limits))
+    return app
 
+
+class _Pipeline:
+    """One request's way: body -> images (worker threads) -> the inference thread -> JSON bytes."""
+
+    def __init__(self, inference: BatchingPredictor, limits: Limits, threshold: float) -> None:
+        self.inference, self.limits, self.threshold = inference, limits, threshold
+        self.large_decodes = asyncio.Semaphore(limits.max_decoding)
+
+    def preprocess_upload(self, data: bytes, large: bool) -> np.ndarray:
+        from digitlab.preprocess import BlankImageError, mnist_style
+
+        image = decode_upload(data, self.limits)
+        try:
+            return mnist_style(image, name="upload")[None]  # (1, 28, 28)
+        except BlankImageError:
+            # answered as the blank 28x28 JSON image is: the model's guess, flagged "too little ink"
+            return np.zeros((1, 28, 28), np.uint8)
+        finally:
+            del image
+            if large:
+                trim_heap()
+
+    def render(self, probs: np.ndarray, images: np.ndarray, batch: bool) -> bytes:
+        predictions = _predictions(probs, images, self.threshold)
+        return json.dumps({"predictions": predictions} if batch else predictions[0],
+                          separators=(",", ":")).encode()
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        # anyio's shared pool (40 threads), not a pool of one per core: images that finish
+        # preprocessing together reach the inference thread together and share a pass,
+        # which saves more than the extra threads cost (measured: 3.0 vs 3.8 ms CPU per upload).
+        return await anyio.to_thread.run_sync(fn, *args)
+
+    async def off_loop_if_large(self, size: int, fn: Callable[..., T], *args: Any) -> T:
+        """Small work (one image's JSON: ~0.1 ms) inline; anything bigger on a worker thread."""
+        return fn(*args) if size <= INLINE_BYTES else await self.off_loop(fn, *args)
+
+    async def decode(self, data: bytes) -> np.ndarray:
+        """An upload decoded and preprocessed on a worker thread; large ones `max_decoding` at a time.
+
+        Small images (the drawing page's 280x280 PNGs) skip the queue: decoded in parallel they
+        reach the inference thread together and share a pass. Waiting here rather than on a
+        worker thread keeps large decodes on few threads, hence few malloc arenas: with a
+        thread-side lock 16 uploads at 2048x2048 left +246 MB resident, this way +21 to +69 MB.
+        """
+        large = _header_pixels(data) > SMALL_IMAGE_PIXELS  # header only: 13-200 us on the loop
+        async with self.large_decodes if large else contextlib.nullcontext():
+            return await self.off_loop(self.preprocess_upload, data, large)
+
+    async def answer(self, images: np.ndarray, batch: bool) -> Response:
+        probs = await self.inference.predict_proba(images)
+        body = await self.off_loop_if_large(len(images) * PIXELS * 4, self.render, probs, images, batch)
+        return Response(body, media_type="application/json")
+
+    async def predict(self, request: Request) -> Response:
+        limits = self.limits
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type == "multipart/form-data":
+            body = await _read_body(request, limits.max_upload_bytes + MULTIPART_OVERHEAD, "upload")
+            data = await _multipart_file(request, body, limits)
+            return await self.answer(await self.decode(data), False)
+        if content_type.startswith("image/"):
+            data = await _read_body(request, limits.max_upload_bytes, "upload")
+            return await self.answer(await self.decode(data), False)
+        if content_type == "application/json" or content_type.endswith("+json"):
+            body = await _read_body(request, limits.max_json_bytes, "JSON body")
+            return await self.answer(*await self.off_loop_if_large(len(body), parse_json_images, body, limits))
+        raise ApiError(415, f"unsupported content type {content_type or '(none)'!r}; send multipart/form-data "
+                       "with the image in field 'file', or application/json with 'pixels' or 'images'")
+
+
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse({"detail": exc.message}, status_code=exc.status)
@@ -537,35 +539,25 @@ def create_app(model: str | Path | ProbabilityModel, *, backend: str = "onnx", l
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"detail": f"internal error ({exc.__class__.__name__})"}, status_code=500)
 
+
+def _add_routes(app: FastAPI, pipeline: _Pipeline, info: dict[str, Any]) -> None:
     errors: dict[int | str, dict[str, Any]] = {status: {"model": ErrorOut} for status in (413, 415, 422)}
 
     @app.post("/v1/predict", response_model=None, openapi_extra=PREDICT_BODY,
               responses={200: {"model": PredictionOut | BatchPredictionOut}, **errors})
     async def predict(request: Request) -> Response:
         """Predict one image (upload or `pixels`) or a batch (`images`, up to 256)."""
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type == "multipart/form-data":
-            body = await _read_body(request, limits.max_upload_bytes + MULTIPART_OVERHEAD, "upload")
-            data = await _multipart_file(request, body, limits)
-            return await answer(await decode(data), False)
-        if content_type.startswith("image/"):
-            data = await _read_body(request, limits.max_upload_bytes, "upload")
-            return await answer(await decode(data), False)
-        if content_type == "application/json" or content_type.endswith("+json"):
-            body = await _read_body(request, limits.max_json_bytes, "JSON body")
-            return await answer(*await off_loop_if_large(len(body), parse_json_images, body, limits))
-        raise ApiError(415, f"unsupported content type {content_type or '(none)'!r}; send multipart/form-data "
-                       "with the image in field 'file', or application/json with 'pixels' or 'images'")
+        return await pipeline.predict(request)
 
-    @app.get("/v1/model", operation_id="model_v1_model_get")
-    async def model_route() -> dict[str, Any]:
+    @app.get("/v1/model")
+    async def model() -> dict[str, Any]:
         """Preset, metrics, weights fingerprint, parameter count, input contract and limits."""
         return info
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         """Liveness, and how many images the model has seen in how many forward passes."""
-        return {"status": "ok", "images": inference.images, "passes": inference.passes}
+        return {"status": "ok", "images": pipeline.inference.images, "passes": pipeline.inference.passes}
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -574,7 +566,6 @@ def create_app(model: str | Path | ProbabilityModel, *, backend: str = "onnx", l
             "Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    return app
 
 
 async def _read_body(request: Request, limit: int, what: str) -> bytes:
