@@ -157,19 +157,22 @@ def test_folder_with_bad_files(tiny_run: Path, image_folder: Path, capsys: pytes
     code = main(["predict", str(tiny_run), str(image_folder), "--format", "json"])
     captured = capsys.readouterr()
     assert code == 2
-    names = [Path(r["source"]).name for r in json.loads(captured.out)]
-    assert names == ["digit0.png", "digit3.png", "digit5.jpg", "digit7.png"]
+    rows = json.loads(captured.out)
+    names = [Path(r["source"]).name for r in rows]
+    assert names == ["blank.png", "digit0.png", "digit3.png", "digit5.jpg", "digit7.png"]
+    # a blank file is answered as a blank upload or JSON image is: flagged, not an error
+    assert rows[0]["uncertain"] is True and rows[0]["reason"] == "too little ink"
     assert "broken.png: not a readable image" in captured.err
-    assert "blank.png: no ink found (blank image)" in captured.err
-    assert "notes.txt" not in captured.err
-    assert "2 input(s) failed, 4 images predicted" in captured.err
+    assert "blank.png" not in captured.err and "notes.txt" not in captured.err
+    assert "1 input(s) failed, 5 images predicted" in captured.err
 
 
 def test_python_api(tiny_run: Path, image_folder: Path) -> None:
     result = predict_inputs(tiny_run, [image_folder / "digit3.png", image_folder / "blank.png"], top_k=2)
-    assert not result.ok and len(result.errors) == 1 and len(result.predictions) == 1
-    p = result.predictions[0]
+    assert result.ok and not result.errors and len(result.predictions) == 2
+    p, blank = result.predictions
     assert p.source.endswith("digit3.png") and len(p.top_k) == 2 and p.top_k[0][0] == p.digit
+    assert blank.uncertain and blank.reason == "too little ink"
 
 
 def test_tta_proba(tiny_run: Path, digits: DigitData) -> None:

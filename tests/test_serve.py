@@ -191,7 +191,7 @@ def test_unknown_route_and_method(client: TestClient) -> None:
     ({"pixels": ["7"] * 784}, 422, "expected numbers in 0..255, 784 per image"),
     ({"pixels": [None] * 784}, 422, "expected numbers in 0..255, 784 per image"),
     ({"pixels": [True] * 784}, 422, "expected numbers in 0..255, 784 per image"),
-    ({"pixels": [[0] * 28] * 27 + [[0] * 27]}, 422, "expected a list of 784 numbers"),
+    ({"pixels": [[0] * 28] * 27 + [[0] * 27]}, 422, "expected numbers in 0..255, 784 per image"),
     ({"pixels": 5}, 422, "got shape []"),
     ({"images": []}, 422, "images: expected a non-empty list"),
     ({"images": [[0] * 784, [0] * 784, [0] * 10]}, 422, "images[2]: expected 784 numbers"),

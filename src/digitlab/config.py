@@ -147,6 +147,11 @@ class TrainConfig:
     warmup_fraction: float = 0.25  # one-cycle: share of steps spent rising to the peak
     label_smoothing: float = 0.0
     ema_decay: float = 0.0  # >0 keeps an exponential moving average of the weights for eval
+    # Outlier exposure (digitlab.outliers): non-digit images added to each batch, as a share of
+    # the batch size, trained towards the uniform distribution with this weight on their loss.
+    # 0 leaves every recipe without it bit-for-bit as before.
+    outliers: float = 0.0
+    outlier_weight: float = 0.5
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 0
     precision: str = "auto"
@@ -190,6 +195,10 @@ class TrainConfig:
             raise bad(f"warmup fraction must be in (0, 1), got {self.warmup_fraction}")
         if not 0 <= self.ema_decay < 1:
             raise bad(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.outliers <= 1:
+            raise bad(f"outliers must be in [0, 1] (non-digits per batch, as a share of it), got {self.outliers}")
+        if self.outlier_weight < 0:
+            raise bad(f"outlier_weight must be at least 0, got {self.outlier_weight}")
         if not 0 <= self.seed <= _MAX_SEED:
             raise bad(f"seed must be in 0..{_MAX_SEED}, got {self.seed}")
         if self.optimizer not in OPTIMIZERS:

@@ -136,8 +136,20 @@ def mnist_style(image: Image.Image | np.ndarray, *, name: str = "image") -> np.n
     return np.rint(np.clip(canvas, 0.0, 1.0) * 255).astype(np.uint8)
 
 
+def mnist_style_or_blank(image: Image.Image | np.ndarray, *, name: str = "image") -> np.ndarray:
+    """`mnist_style`, except that an image without ink becomes the all-zero 28x28 image.
+
+    A blank upload or file is then answered as the blank JSON image is: the model's guess,
+    flagged uncertain with "too little ink" (digitlab.abstain), not an error.
+    """
+    try:
+        return mnist_style(image, name=name)
+    except BlankImageError:
+        return np.zeros((FIELD, FIELD), np.uint8)
+
+
 def load_image_file(path: str | Path) -> np.ndarray:
-    """Read a PNG/JPEG/... file of one digit and return it MNIST-style (uint8 (28, 28))."""
+    """Read a PNG/JPEG/... file of one digit and return it MNIST-style (uint8 (28, 28)); blank: zeros."""
     path = Path(path)
     # alpha kept: mnist_style retries light-on-clear ink on a black matte
-    return mnist_style(read_image(path), name=str(path))
+    return mnist_style_or_blank(read_image(path), name=str(path))

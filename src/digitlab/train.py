@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -259,6 +260,13 @@ class Trainer:
     augment_generator: torch.Generator  # on `device`: augmentation draws its numbers where the data is
     ctx: DistContext = field(default_factory=DistContext)
     sync_every: int = 0  # steps between host reads of the loss; 0: sync_interval(device)
+    outlier_pool: torch.Tensor | None = None  # (P, 28, 28) uint8 non-digits on `device` (outlier exposure)
+
+    @property
+    def outliers_per_step(self) -> int:
+        if self.outlier_pool is None:
+            return 0
+        return max(1, round(self.config.outliers * self.local_batch))
 
     @property
     def local_batch(self) -> int:
@@ -319,13 +327,18 @@ def train_one_epoch(
         index = shard[state.step * batch : (state.step + 1) * batch]
         x = to_input(images[index])  # (B, 1, 28, 28)
         y = labels[index]
+        if trainer.outlier_pool is not None:
+            x = torch.cat([x, _draw_outliers(trainer)])
         if config.augment.enabled:
             x = augment_batch(x, config.augment, trainer.augment_generator)
         if trainer.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(trainer.device, trainer.precision):
             logits = trainer.model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+            loss = F.cross_entropy(logits[: len(y)].float(), y, label_smoothing=config.label_smoothing)
+            if trainer.outlier_pool is not None:  # non-digits pushed towards 1/10 for every class
+                loss = loss - config.outlier_weight * F.log_softmax(logits[len(y) :].float(), dim=1).mean()
+            logits = logits[: len(y)]
         trainer.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         trainer.optimizer.step()
@@ -347,6 +360,21 @@ def train_one_epoch(
         if stopping and state.step < steps:
             return False
     return True
+
+
+def outlier_pool(config: TrainConfig, train_data: DigitData) -> np.ndarray:
+    """The run's non-digits, a fifth of the training set's size (600 to 12,000), the same on every resume."""
+    from digitlab.outliers import non_digit_images
+
+    return non_digit_images(min(12_000, max(600, len(train_data) // 5)), config.seed, train_data.images)
+
+
+def _draw_outliers(trainer: Trainer) -> torch.Tensor:
+    """(K, 1, 28, 28) non-digits drawn with the augmentation generator (checkpointed, so resumes exactly)."""
+    assert trainer.outlier_pool is not None
+    pick = torch.randint(len(trainer.outlier_pool), (trainer.outliers_per_step,),
+                         generator=trainer.augment_generator, device=trainer.device)
+    return to_input(trainer.outlier_pool[pick])
 
 
 def _record_block(pending: list[_Pending], state: EpochState, seconds: float, steps: int, world_size: int,
@@ -548,9 +576,11 @@ def _open_run(config: TrainConfig | None, out_dir: str | Path | None, resume: st
     def on_device(array: Any) -> torch.Tensor:
         return torch.from_numpy(array).to(device)
 
+    trainer = _build_trainer(config, ctx, device, precision, epoch_steps)
+    if config.outliers > 0:
+        trainer.outlier_pool = on_device(outlier_pool(config, train_data))
     return _Run(
-        run_dir=run_dir, config=config, ctx=ctx,
-        trainer=_build_trainer(config, ctx, device, precision, epoch_steps),
+        run_dir=run_dir, config=config, ctx=ctx, trainer=trainer,
         # epoch order is drawn on the CPU whatever the device: the same order on every rank and machine
         order_generator=torch.Generator(device="cpu").manual_seed(config.seed),
         images=on_device(train_data.images), labels=on_device(train_data.labels),

@@ -457,14 +457,11 @@ class _Pipeline:
         self.large_decodes = asyncio.Semaphore(limits.max_decoding)
 
     def preprocess_upload(self, data: bytes, large: bool) -> np.ndarray:
-        from digitlab.preprocess import BlankImageError, mnist_style
+        from digitlab.preprocess import mnist_style_or_blank
 
         image = decode_upload(data, self.limits)
         try:
-            return mnist_style(image, name="upload")[None]  # (1, 28, 28)
-        except BlankImageError:
-            # answered as the blank 28x28 JSON image is: the model's guess, flagged "too little ink"
-            return np.zeros((1, 28, 28), np.uint8)
+            return mnist_style_or_blank(image, name="upload")[None]  # (1, 28, 28)
         finally:
             del image
             if large:
