@@ -21,22 +21,18 @@ from pathlib import Path
 import numpy as np
 
 from digitlab.corruptions import corrupt, list_corruptions
-from digitlab.data import load_source, split
+from digitlab.data import load_source
 from digitlab.errors import DigitlabError
 from digitlab.inference import load_predictor
+from digitlab.overlap import validation_data
 
 
 def validation_split(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The images a run held out for validation, rebuilt from its config.json."""
-    config = json.loads((run_dir / "config.json").read_text())["config"]
-    if config.get("val_data"):
-        data = load_source(config["val_data"])
-        return data.images, data.labels
-    if not config.get("val_split"):
+    """The images a run held out for validation, rebuilt from its config."""
+    data = validation_data(run_dir)
+    if data is None:
         raise DigitlabError(f"{run_dir}: trained without a validation split; --validation needs one")
-    data = load_source(config["data"])
-    _, val_idx = split(data.labels, config["val_split"], config["seed"])
-    return data.images[val_idx], data.labels[val_idx]
+    return data.images, data.require_labels()
 
 
 def subset(images: np.ndarray, labels: np.ndarray, limit: int | None) -> tuple[np.ndarray, np.ndarray]:

@@ -256,31 +256,19 @@ def calibrate_run(run_dir: str | Path, data: str | None = None) -> dict[str, Any
     config (same seed, same fraction), so the temperature never sees the test set.
     """
     from digitlab.data import load_source
+    from digitlab.overlap import validation_data
+
     run_dir = Path(run_dir)
     predictor = load_predictor(run_dir, precision="fp32", calibrated=False)
     if data is not None:
         val = load_source(data)
         images, labels, source = val.images, val.require_labels("calibration needs labels"), data
     else:
-        images, labels, source = _validation_split(predictor.meta, run_dir)
+        held_out = validation_data(run_dir)
+        if held_out is None:
+            raise DigitlabError(f"{run_dir}: the run kept no validation split; pass --data SOURCE (labelled, "
+                                "never the test set you report on)")
+        images, labels, source = held_out.images, held_out.require_labels(), held_out.source
     calibration = calibrate_probs(predictor.predict_proba(images), labels, source)
     save_calibration(run_dir, calibration)
     return calibration
-
-
-def _validation_split(meta: dict[str, Any], run_dir: Path) -> tuple[np.ndarray, np.ndarray, str]:
-    from digitlab.data import load_source
-    from digitlab.data.split import split
-
-    config = (meta.get("member_meta") or [meta])[0].get("config", {})
-    if config.get("val_data"):
-        val = load_source(config["val_data"])
-        return val.images, val.require_labels("calibration needs labels"), config["val_data"]
-    fraction = float(config.get("val_split", 0) or 0)
-    if fraction <= 0 or not config.get("data"):
-        raise DigitlabError(f"{run_dir}: the run kept no validation split; pass --data SOURCE (labelled, "
-                            "never the test set you report on)")
-    data = load_source(config["data"])
-    labels = data.require_labels("cannot rebuild the run's validation split")
-    _, val_idx = split(labels, fraction, int(config.get("seed", 0)))
-    return data.images[val_idx], labels[val_idx], f"{config['data']}[val]"

@@ -109,6 +109,24 @@ def _run_config(run_dir: Path) -> dict[str, Any]:
     return meta.get("config") or {}
 
 
+def validation_data(run_dir: str | Path) -> DigitData | None:
+    """The labelled data a run validated on: its `val_data` source, or its held-out split of
+    `data` rebuilt from the config's fraction and seed (an ensemble: its first member's); None
+    if it kept none."""
+    config = _run_config(Path(run_dir))
+    if config.get("val_data"):
+        val = load_source(config["val_data"])
+        val.require_labels("validation needs labels")
+        return val
+    fraction, seed = float(config.get("val_split", 0.0) or 0.0), int(config.get("seed", 0))
+    if fraction <= 0:
+        return None
+    source = config.get("data", "mnist:train")
+    data = load_source(source)
+    _, val_idx = split(data.require_labels("cannot rebuild the run's validation split"), fraction, seed)
+    return data.subset(val_idx, f"{source}[val]")
+
+
 def default_evaluation(run_dir: str | Path) -> tuple[DigitData, str]:
     """The data a run is measured on when none is named, and one line saying why.
 
@@ -121,14 +139,11 @@ def default_evaluation(run_dir: str | Path) -> tuple[DigitData, str]:
     source = config.get("data", "mnist:train")
     if trained_on_mnist(source):
         return load_source(MNIST_TEST), f"default for a run trained on MNIST's training set ({source})"
-    if config.get("val_data"):
-        val = load_source(config["val_data"])
+    val = validation_data(run_dir)
+    if val is not None and config.get("val_data"):
         return val, f"default: the run's validation source (trained on {source})"
-    fraction, seed = float(config.get("val_split", 0.0)), int(config.get("seed", 0))
-    if fraction > 0:
-        data = load_source(source)
-        _, val_idx = split(data.require_labels("cannot rebuild the run's validation split"), fraction, seed)
-        val = data.subset(val_idx, f"{source}[val]")
+    if val is not None:
+        fraction, seed = float(config["val_split"]), int(config.get("seed", 0))
         return val, (f"default: the run's {HELD_OUT} of {source} "
                      f"(val_split {fraction:g}, seed {seed}), rebuilt from its config")
     return load_source(MNIST_TEST), (f"default: the run kept no validation data from {source}, so {MNIST_TEST}; "
