@@ -214,3 +214,44 @@ def test_wrong_types_in_the_json_files_never_crash(tmp_path):
     for column in COLUMNS:
         list_runs(tmp_path, sort=column)
     assert "odd-ens/member-1" in runs_table(list_runs(tmp_path))
+
+
+def _as_preset(run: Path, preset: str, started: str) -> Path:
+    """Relabel a copied run folder's preset and start time (what the default-run choice reads)."""
+    config = json.loads((run / CONFIG_FILE).read_text())
+    config["config"]["preset"], config["started"] = preset, started
+    (run / CONFIG_FILE).write_text(json.dumps(config))
+    meta = json.loads((run / MODEL_META).read_text())
+    meta["preset"], meta["config"]["preset"] = preset, preset
+    (run / MODEL_META).write_text(json.dumps(meta))
+    return run
+
+
+def test_serve_and_predict_default_to_the_newest_finished_robust_run(tmp_path, tiny_run, interrupted_run,
+                                                                      monkeypatch, capsys) -> None:
+    from digitlab.runs import newest_finished_run
+
+    root = tmp_path / "runs"
+    root.mkdir()
+    with pytest.raises(DigitlabError, match=r"no finished 'robust' run in .*runs/.*--preset robust"):
+        newest_finished_run(root)
+    _as_preset(shutil.copytree(tiny_run, root / "a-old"), "robust", "2026-01-01T00:00:00")
+    _as_preset(shutil.copytree(tiny_run, root / "b-new"), "robust", "2026-06-01T00:00:00")
+    _as_preset(shutil.copytree(tiny_run, root / "c-quick"), "quick", "2026-12-01T00:00:00")
+    stopped = shutil.copytree(interrupted_run, root / "d-stopped")  # newer, but unfinished
+    config = json.loads((stopped / CONFIG_FILE).read_text())
+    config["config"]["preset"], config["started"] = "robust", "2026-12-02T00:00:00"
+    (stopped / CONFIG_FILE).write_text(json.dumps(config))
+    assert newest_finished_run(root) == root / "b-new"
+
+    np.save(tmp_path / "one.npy", np.zeros((1, 28, 28), np.uint8))
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", str(tmp_path / "one.npy"), "--format", "json"]) == 0
+    captured = capsys.readouterr()
+    assert "using runs/b-new, the newest finished robust run" in captured.err
+    assert json.loads(captured.out)[0]["reason"] == "too little ink"
+    # a run folder named first is the model, as before; alone it is an error, not an input
+    assert main(["predict", str(root / "c-quick"), str(tmp_path / "one.npy")]) == 0
+    assert "using" not in capsys.readouterr().err
+    assert main(["predict", str(root / "c-quick")]) == 2
+    assert "is a run folder: name at least one INPUT" in capsys.readouterr().err

@@ -393,7 +393,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         description="Load the model once and serve it with uvicorn: POST /v1/predict (PNG/JPEG upload "
         "in field `file`, or JSON pixels), GET /v1/model, GET /healthz, the drawing page at /.",
     )
-    _add_run_dir(serve)
+    serve.add_argument("run_dir", type=Path, nargs="?", default=None, metavar="RUN_DIR",
+                       help="a run folder (or ensemble folder) (default: the newest finished `robust` run in runs/, "
+                       "the preset for real handwriting)")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it)")
     serve.add_argument("--port", type=_tcp_port, default=8000, help="TCP port, 1..65535 (default: 8000)")
@@ -417,8 +419,17 @@ def _tcp_port(text: str) -> int:
 def _run_serve(args: argparse.Namespace) -> int:
     from digitlab.serve import run_server
 
-    run_server(args.run_dir, host=args.host, port=args.port, backend=args.backend)
+    run_server(args.run_dir or _default_run(), host=args.host, port=args.port, backend=args.backend)
     return 0
+
+
+def _default_run() -> Path:
+    """The run `serve` and `predict` use when none is named, said on stderr."""
+    from digitlab.runs import SERVING_PRESET, newest_finished_run
+
+    path = newest_finished_run()
+    print(f"digitlab: using {path}, the newest finished {SERVING_PRESET} run in runs/", file=sys.stderr)
+    return path
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -534,10 +545,11 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "stderr and skipped; the exit status is then 2.",
         epilog="Kaggle: digitlab predict RUN_DIR kaggle:test.csv --format kaggle --out submission.csv",
     )
-    _add_run_dir(predict)
-    predict.add_argument("inputs", nargs="+", metavar="INPUT",
-                         help="kaggle:test.csv or *.csv, IDX image file, .npy (N,28,28)/(N,784), image file, "
-                         "or folder of images")
+    predict.usage = "digitlab predict [-h] [options] [RUN_DIR] INPUT [INPUT ...]"
+    predict.add_argument("inputs", nargs="+", metavar="[RUN_DIR] INPUT",
+                         help="RUN_DIR: a run (or ensemble) folder; left out, the newest finished `robust` run in "
+                         "runs/. INPUT: kaggle:test.csv or *.csv, IDX image file, .npy (N,28,28)/(N,784), image "
+                         "file, or folder of images")
     predict.add_argument("--out", type=Path, default=None,
                          help="file to write (default: stdout; submission.csv for --format kaggle)")
     predict.add_argument("--format", choices=["csv", "json", "kaggle"], default="csv",
@@ -559,8 +571,17 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 def _run_predict(args: argparse.Namespace) -> int:
     from digitlab.predict import predict_inputs, render, write_output
+    from digitlab.rundir import is_ensemble
+    from digitlab.runs import is_run_folder
 
-    result = predict_inputs(args.run_dir, args.inputs, top_k=args.top_k, tta=args.tta,
+    first = Path(args.inputs[0])
+    if is_run_folder(first) or is_ensemble(first):
+        if len(args.inputs) == 1:
+            raise DigitlabError(f"{first} is a run folder: name at least one INPUT to predict after it")
+        run_dir, inputs = first, args.inputs[1:]
+    else:
+        run_dir, inputs = _default_run(), args.inputs
+    result = predict_inputs(run_dir, inputs, top_k=args.top_k, tta=args.tta,
                             batch_size=args.batch_size, backend=args.backend, precision=args.precision)
     for note in result.notes:
         print(f"digitlab: note: {note}", file=sys.stderr)

@@ -290,3 +290,20 @@ def runs_table(rows: list[RunRow]) -> str:
     widths = [max(len(line[i]) for line in cells) for i in range(len(TABLE) - 1)]
     lines = ["  ".join([*(c.ljust(w) for c, w in zip(line, widths, strict=False)), line[-1]]) for line in cells]
     return "\n".join(line.rstrip() for line in lines)
+
+
+# The preset `serve` and `predict` use when no run folder is named: trained for real handwriting
+# (pen widths, scans, photos; non-digits flagged), see README "Robustness to real writing".
+SERVING_PRESET = "robust"
+
+
+def newest_finished_run(directory: str | Path = "runs", preset: str = SERVING_PRESET) -> Path:
+    """The most recently started finished run (or ensemble) of `preset` under `directory`."""
+    directory = Path(directory)
+    rows = list_runs(directory) if directory.is_dir() else []
+    done = [r for r in rows if r.kind in ("run", "ensemble") and r.state == "finished" and r.preset == preset]
+    if not done:
+        raise DigitlabError(f"no finished {preset!r} run in {directory}/ to use; name a run folder, or train one "
+                            f"with `digitlab train --preset {preset}`")
+    newest = max(done, key=lambda r: (r.started or "", r.name))
+    return Path(newest.path)
