@@ -40,6 +40,15 @@ def test_two_member_ensemble_averages_member_probabilities(tmp_path: Path, csv_1
     np.testing.assert_allclose(ensemble.predict_proba(images), (singles[0] + singles[1]) / 2, rtol=1e-6, atol=1e-7)
     accuracy = (ensemble.predict_proba(images).argmax(1) == mnist_test.labels[:500]).mean()
     assert accuracy > 0.8
+    # one split for all members (split seed = the first seed): their held-out images measure the
+    # ensemble, none of them left out as seen in training
+    metas = [json.loads((out / name / "model.json").read_text()) for name in manifest["members"]]
+    assert [m["config"]["split_seed"] for m in metas] == [5, 5] and [m["config"]["seed"] for m in metas] == [5, 6]
+    assert metas[0]["data"]["val_fingerprint"] == metas[1]["data"]["val_fingerprint"]
+    from digitlab.evaluate import evaluate_run
+
+    held_out = evaluate_run(out)
+    assert held_out.extra["seen_in_training"] == 0 and held_out.total == held_out.extra["source_count"] > 190
 
 
 @pytest.mark.slow
@@ -87,10 +96,10 @@ def test_presets_cycle_and_logloss_weights_reach_every_consumer(tmp_path: Path, 
         exported = torch.softmax(module(torch.from_numpy(images).float().div(255).unsqueeze(1)), dim=1).numpy()
     np.testing.assert_allclose(exported, weighted, rtol=1e-4, atol=1e-5)
 
-    # the default evaluation set: member 0's held-out split, less what any member trained on
+    # the default evaluation set: the members' shared held-out split, which none of them trained on
     result = evaluate_run(out)
-    assert result.source == f"kaggle:{csv_1000}[val]" and result.extra["seen_in_training"] > 0
-    assert result.total + result.extra["seen_in_training"] == metas[0]["data"]["val_count"]
+    assert result.source == f"kaggle:{csv_1000}[val]" and result.extra["seen_in_training"] == 0
+    assert result.total == metas[0]["data"]["val_count"] == metas[2]["data"]["val_count"]
 
 
 def test_logloss_weights_need_validation_loss(tmp_path: Path) -> None:

@@ -54,6 +54,9 @@ def _check_types(obj: Any, where: str) -> None:
         elif hint == str | None:
             ok = value is None or isinstance(value, str)
             expected = "a string or null"
+        elif hint == int | None:
+            ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
+            expected = "an integer or null"
         elif hint == dict[str, Any]:
             ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
             expected = "an object with string keys"
@@ -154,6 +157,9 @@ class TrainConfig:
     outlier_weight: float = 0.5
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 0
+    # seed of the train/validation split; None: `seed`. An ensemble fixes it for all its members
+    # so that they hold out the same images, which then measure the ensemble honestly.
+    split_seed: int | None = None
     precision: str = "auto"
     device: str = "auto"
     eval_batch_size: int = 1024
@@ -201,6 +207,8 @@ class TrainConfig:
             raise bad(f"outlier_weight must be at least 0, got {self.outlier_weight}")
         if not 0 <= self.seed <= _MAX_SEED:
             raise bad(f"seed must be in 0..{_MAX_SEED}, got {self.seed}")
+        if self.split_seed is not None and not 0 <= self.split_seed <= _MAX_SEED:
+            raise bad(f"split_seed must be in 0..{_MAX_SEED} or null, got {self.split_seed}")
         if self.optimizer not in OPTIMIZERS:
             raise bad(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
@@ -217,6 +225,10 @@ class TrainConfig:
         if not isinstance(self.tensorboard, bool):
             raise bad(f"tensorboard must be true or false, got {self.tensorboard!r}")
         return self
+
+    @property
+    def data_split_seed(self) -> int:
+        return self.seed if self.split_seed is None else self.split_seed
 
     def with_overrides(self, **overrides: Any) -> TrainConfig:
         """Replace the fields given (None means: keep the preset's value)."""

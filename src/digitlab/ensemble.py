@@ -155,7 +155,8 @@ def train_ensemble(
     """Train (or finish training) the members, then write ensemble.json; returns the folder.
 
     `config` is one recipe or a list (member i trains recipe i mod len); seeds run from
-    `first_seed` (default: the first recipe's). `weights="logloss"` weights the average by
+    `first_seed` (default: the first recipe's), and every member holds out the same validation
+    images (split seed: the first seed, unless the recipe sets `split_seed`). `weights="logloss"` weights the average by
     1 / each member's validation log-loss (see `logloss_weights`). `progress` shows fit's
     progress bars for members trained in this process (jobs=1).
     """
@@ -169,8 +170,11 @@ def train_ensemble(
         from digitlab.tensorboard import require_tensorboard
 
         require_tensorboard()  # once here, not once per member process
-    config = recipes[0]
-    plans = plan_members(out_dir, members, config.seed if first_seed is None else first_seed, len(recipes))
+    first = recipes[0].seed if first_seed is None else first_seed
+    # one train/validation split for every member: the held-out images then measure the ensemble
+    # (and fit its log-loss weights) without any member having trained on them
+    recipes = [r if r.split_seed is not None else r.with_overrides(split_seed=first) for r in recipes]
+    plans = plan_members(out_dir, members, first, len(recipes))
     callbacks = list(callbacks)
 
     def emit(event: dict[str, Any]) -> None:

@@ -109,6 +109,12 @@ def _run_config(run_dir: Path) -> dict[str, Any]:
     return meta.get("config") or {}
 
 
+def _split_seed(config: dict[str, Any]) -> int:
+    """The seed a run's train/validation split was drawn with (see TrainConfig.split_seed)."""
+    split_seed = config.get("split_seed")
+    return int(config.get("seed", 0) if split_seed is None else split_seed)
+
+
 def validation_data(run_dir: str | Path) -> DigitData | None:
     """The labelled data a run validated on: its `val_data` source, or its held-out split of
     `data` rebuilt from the config's fraction and seed (an ensemble: its first member's); None
@@ -118,7 +124,7 @@ def validation_data(run_dir: str | Path) -> DigitData | None:
         val = load_source(config["val_data"])
         val.require_labels("validation needs labels")
         return val
-    fraction, seed = float(config.get("val_split", 0.0) or 0.0), int(config.get("seed", 0))
+    fraction, seed = float(config.get("val_split", 0.0) or 0.0), _split_seed(config)
     if fraction <= 0:
         return None
     source = config.get("data", "mnist:train")
@@ -143,7 +149,7 @@ def default_evaluation(run_dir: str | Path) -> tuple[DigitData, str]:
     if val is not None and config.get("val_data"):
         return val, f"default: the run's validation source (trained on {source})"
     if val is not None:
-        fraction, seed = float(config["val_split"]), int(config.get("seed", 0))
+        fraction, seed = float(config["val_split"]), _split_seed(config)
         return val, (f"default: the run's {HELD_OUT} of {source} "
                      f"(val_split {fraction:g}, seed {seed}), rebuilt from its config")
     return load_source(MNIST_TEST), (f"default: the run kept no validation data from {source}, so {MNIST_TEST}; "

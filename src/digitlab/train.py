@@ -405,7 +405,7 @@ def _load_training_data(config: TrainConfig) -> tuple[DigitData, DigitData | Non
         return data, val
     if config.val_split == 0:
         return data, None
-    train_idx, val_idx = split(labels, config.val_split, config.seed)
+    train_idx, val_idx = split(labels, config.val_split, config.data_split_seed)
     return data.subset(train_idx, f"{config.data}[train]"), data.subset(val_idx, f"{config.data}[val]")
 
 
