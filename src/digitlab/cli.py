@@ -341,6 +341,68 @@ def _run_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_kaggle(sub: argparse._SubParsersAction) -> None:
+    kaggle = sub.add_parser(
+        "kaggle", help="the Kaggle recipe: leaderboard forecast on a held-out fold, then submission.csv",
+        description="1) Train an ensemble with --holdout of train.csv held out (the same images for every "
+        "member) and measure it there with TTA: the leaderboard accuracy to expect, with its 95%% interval "
+        "(OUT/forecast.json). 2) Train the same ensemble on all of train.csv and predict test.csv with TTA "
+        "into OUT/submission.csv. That is twice the training of one ensemble; run the same command again to "
+        "resume after an interruption.",
+    )
+    kaggle.add_argument("train_csv", type=Path, metavar="TRAIN_CSV", help="Kaggle train.csv (label,pixel0..783)")
+    kaggle.add_argument("test_csv", type=Path, metavar="TEST_CSV", help="Kaggle test.csv (pixel0..783)")
+    kaggle.add_argument("--presets", default="best", metavar="A,B,...",
+                        help="member recipes, member i trains recipe i mod their number (default: best)")
+    kaggle.add_argument("--members", type=_positive_int, default=3, help="members per ensemble (default: 3)")
+    kaggle.add_argument("--holdout", type=float, default=0.1,
+                        help="share of train.csv held out for the forecast, stratified (default: 0.1)")
+    kaggle.add_argument("--no-tta", dest="tta", action="store_false", help="no test-time augmentation")
+    kaggle.add_argument("--jobs", type=_positive_int, default=1, help="members trained at once (default: 1)")
+    kaggle.add_argument("--seed", type=int, default=0, help="seed of the first member and of the fold (default: 0)")
+    kaggle.add_argument("--epochs", type=_positive_int, default=None, help="override the recipes' epochs")
+    kaggle.add_argument("--out", type=Path, default=Path("runs/kaggle"), help="folder (default: runs/kaggle)")
+    kaggle.set_defaults(handler=_run_kaggle)
+
+
+def _run_kaggle(args: argparse.Namespace) -> int:
+    from digitlab.kaggle_recipe import kaggle_recipe
+    from digitlab.presets import get_preset
+    from digitlab.progress import TrainingProgress
+    from digitlab.train import TrainingInterrupted
+
+    names = [n.strip() for n in args.presets.split(",") if n.strip()]
+    if not names:
+        raise DigitlabError(f"--presets {args.presets!r} names no preset; write e.g. --presets best,fast-long")
+    recipes = [get_preset(name).with_overrides(epochs=args.epochs) for name in names]
+    training = TrainingProgress()
+
+    def show(event: dict) -> None:
+        kind = event["event"]
+        if kind == "stage":
+            what = "forecast: ensemble with a held-out fold" if event["stage"] == "forecast" else \
+                "submission: ensemble on all of train.csv"
+            print(f"{what} -> {event['out']}", file=sys.stderr)
+        elif kind == "forecast":
+            print(f"expected leaderboard accuracy {100 * event['accuracy']:.2f}% (95% interval "
+                  f"{100 * event['low95']:.2f}-{100 * event['high95']:.2f}%) on {event['images']:,} held-out images"
+                  f"{', TTA' if event['tta'] else ''}", flush=True)
+        elif kind == "member_start":
+            print(f"member {event['member']} (seed {event['seed']}) started", file=sys.stderr)
+        elif not kind.startswith(("ensemble", "member")):
+            training(event)
+
+    try:
+        result = kaggle_recipe(args.train_csv, args.test_csv, recipes, args.out, members=args.members,
+                               holdout=args.holdout, tta=args.tta, jobs=args.jobs, seed=args.seed,
+                               callbacks=[show], progress=False)
+    except (KeyboardInterrupt, TrainingInterrupted):
+        print(f"\ninterrupted; run the same command again to finish {args.out}", file=sys.stderr)
+        return 130
+    print(f"wrote {result.submission} ({result.rows:,} rows)")
+    return 0
+
+
 def _add_summary(sub: argparse._SubParsersAction) -> None:
     summary = sub.add_parser("summary", help="Keras-style table of a model's layers and parameters")
     summary.add_argument("target", help="a model preset name (e.g. seed2017) or a run folder")
@@ -637,6 +699,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_data,
     _add_train,
     _add_ensemble,
+    _add_kaggle,
     _add_summary,
     _add_augment_preview,
     _add_serve,

@@ -102,6 +102,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, epoch
     """Returns (scheduler or None, 'step' | 'epoch'): when the scheduler is advanced."""
     total = config.epochs * epoch_steps
     if config.schedule == "onecycle":
+        if config.warmup_fraction * total <= 1:  # torch's OneCycleLR would divide by zero
+            raise DigitlabError(f"the one-cycle schedule needs more than one warm-up step: {config.epochs} epoch(s) x "
+                                f"{epoch_steps} step(s) x warm-up fraction {config.warmup_fraction} is "
+                                f"{config.warmup_fraction * total:g}; use more data, more epochs or a smaller batch")
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=config.lr, total_steps=total, pct_start=config.warmup_fraction,
             cycle_momentum=config.optimizer in ("sgd", "adam", "adamw"),

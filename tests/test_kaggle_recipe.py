@@ -1,0 +1,65 @@
+"""`digitlab kaggle`: a forecast on a fold no member trained on, then a submission from all rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from digitlab.cli import main
+from digitlab.data import DigitData, write_kaggle_csv
+from digitlab.errors import DigitlabError
+from digitlab.kaggle_recipe import fold_recipes
+from digitlab.overlap import run_train_hashes, validation_data
+from digitlab.presets import get_preset
+
+
+@pytest.mark.slow
+def test_forecast_on_an_unseen_fold_then_submission(tmp_path: Path, mnist_train: DigitData, mnist_test: DigitData,
+                                                   capsys) -> None:
+    write_kaggle_csv(tmp_path / "train.csv", mnist_train.subset(np.arange(30000, 32400)))
+    write_kaggle_csv(tmp_path / "test.csv", mnist_test.subset(np.arange(300)), with_labels=False)
+    out = tmp_path / "kaggle"
+    argv = ["kaggle", str(tmp_path / "train.csv"), str(tmp_path / "test.csv"), "--presets", "fast,quick",
+            "--members", "2", "--holdout", "0.2", "--epochs", "1", "--seed", "3", "--out", str(out)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    forecast = json.loads((out / "forecast.json").read_text())
+    # the fold: 20% of 2,400 rows, held out by both members alike, none of it trained on
+    fold = validation_data(out / "fold")
+    assert fold is not None and len(fold) == forecast["images"] + forecast["left_out_as_seen"]
+    assert 470 <= len(fold) <= 490
+    assert not np.isin(fold.image_hashes(), run_train_hashes(out / "fold")).any()
+    assert forecast["low95"] < forecast["accuracy"] < forecast["high95"] and forecast["accuracy"] > 0.3  # chance: 0.1
+    assert forecast["presets"] == ["fast", "quick"] and forecast["tta"] is True
+    assert f"expected leaderboard accuracy {100 * forecast['accuracy']:.2f}%" in captured.out
+    # the submission ensemble trained on every row
+    for member in ("member-0", "member-1"):
+        meta = json.loads((out / "full" / member / "model.json").read_text())
+        assert meta["data"]["train_count"] == 2400 and meta["config"]["val_split"] == 0
+    lines = (out / "submission.csv").read_text().splitlines()
+    assert lines[0] == "ImageId,Label" and len(lines) == 301 and lines[1].startswith("1,")
+    assert "wrote" in captured.out and "(300 rows)" in captured.out
+    # run again: nothing left to train, the same files
+    before = (out / "submission.csv").read_text()
+    assert main(argv) == 0
+    assert (out / "submission.csv").read_text() == before
+    assert "started" not in capsys.readouterr().err
+
+
+def test_bad_holdout_and_missing_files(tmp_path: Path, capsys) -> None:
+    with pytest.raises(DigitlabError, match=r"holdout must be in \(0, 1\)"):
+        fold_recipes([get_preset("fast")], tmp_path / "train.csv", 1.0, 0)
+    assert main(["kaggle", str(tmp_path / "nope.csv"), str(tmp_path / "test.csv")]) == 2
+    assert "nope.csv: no such file" in capsys.readouterr().err
+
+
+def test_one_cycle_with_too_few_steps_is_one_clear_error(tmp_path: Path, mnist_train: DigitData) -> None:
+    from digitlab.train import fit
+
+    write_kaggle_csv(tmp_path / "tiny.csv", mnist_train.subset(np.arange(600)))
+    config = get_preset("quick").with_overrides(data=f"kaggle:{tmp_path / 'tiny.csv'}", epochs=1)
+    with pytest.raises(DigitlabError, match="one-cycle schedule needs more than one warm-up step"):
+        fit(config, tmp_path / "run", progress=False)
