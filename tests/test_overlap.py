@@ -199,9 +199,12 @@ def test_report_states_the_set_and_the_overlap(kaggle_run: tuple[Path, Path], tm
     n = json.loads((run / "model.json").read_text())["data"]["train_count"]
     html = write_report(run, out=tmp_path / "r.html").read_text()
     assert "held-out validation split" in html and "images seen in training" in html
+    forecast = evaluate_run(run).extra["expected_leaderboard"]  # the held-out split: a forecast card
+    assert f"{100 * forecast['low95']:.2f}–{100 * forecast['high95']:.2f}%" in html
+    assert "expected on unseen data like it, e.g. a Kaggle leaderboard (95% interval)" in html
     html = write_report(run, data="mnist:test", out=tmp_path / "m.html").read_text()
     assert f"{n} of 10,000 images were in the training data and are left out" in html
-    assert f"{n} left out" in html
+    assert f"{n} left out" in html and "e.g. a Kaggle leaderboard" not in html  # mnist:test is no held-out fold
 
 
 def test_check_seen_without_record_keeps_everything(mnist_test: DigitData) -> None:

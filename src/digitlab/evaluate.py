@@ -201,23 +201,24 @@ def evaluate_predictions(probs: np.ndarray, labels: np.ndarray) -> EvalResult:
 def evaluate_run(
     path: str | Path | ProbabilityModel, data: str | DigitData | None = None, tta: bool = False,
     precision: str = "auto", include_seen: bool = False, run_dir: str | Path | None = None,
+    choice: str | None = None,
 ) -> EvalResult:
     """Evaluate a run folder, ensemble folder (members averaged) or loaded Predictor on labelled data.
 
     Images the run trained on are left out unless `include_seen` (the run's folder is `path`, or
     `run_dir` for a loaded Predictor). `data=None` picks the run's default evaluation set (see
     `digitlab.overlap.default_evaluation`): mnist:test for MNIST-trained runs, else its held-out split.
+    `choice`: how a caller that ran `default_evaluation` itself got `data` (its second value).
     """
     from digitlab.overlap import HELD_OUT, check_seen, default_evaluation, run_train_hashes
 
     folder = Path(path) if isinstance(path, str | Path) else (Path(run_dir) if run_dir is not None else None)
-    choice = "named by the caller"
-    held_out = False
     if data is None:
         if folder is None:
             raise DigitlabError("no data to evaluate on: name a source, or give the run folder for its default")
         data, choice = default_evaluation(folder)
-        held_out = HELD_OUT in choice
+    choice = choice or "named by the caller"
+    held_out = HELD_OUT in choice
     data = load_source(data) if isinstance(data, str) else data
     data.require_labels("evaluation needs a labelled source "
                         "(e.g. mnist:test, Kaggle train.csv, images:DIR with class folders)")

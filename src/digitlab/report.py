@@ -165,8 +165,7 @@ def write_report(run_dir: str | Path, data: str | DigitData | None = None, out: 
         data, choice = default_evaluation(run_dir)
     data = load_source(data) if isinstance(data, str) else data
     predictor = load_predictor(run_dir)
-    result = evaluate_run(predictor, data, tta=tta, include_seen=include_seen, run_dir=run_dir)
-    result.extra["data_choice"] = choice
+    result = evaluate_run(predictor, data, tta=tta, include_seen=include_seen, run_dir=run_dir, choice=choice)
     for note in result.extra["notes"]:
         log.warning("%s", note)  # the HTML says it too, but the person at the terminal should hear it
     members = _run_folders(run_dir)
@@ -244,8 +243,11 @@ class _Report:
         seen_text = "not checked" if seen is None else f"{seen:,} " + ("counted" if self.include_seen else "left out")
         train_seconds = sum(r.get("train_seconds", 0) for m in members for r in read_metrics(m)
                             if r.get("type") == "epoch")
+        forecast = result.extra.get("expected_leaderboard")
         return [
             (f"{100 * result.accuracy:.2f}%", f"accuracy on {result.source}"),
+            *([(f"{100 * forecast['low95']:.2f}–{100 * forecast['high95']:.2f}%",
+                "expected on unseen data like it, e.g. a Kaggle leaderboard (95% interval)")] if forecast else []),
             (f"{result.errors:,}", f"errors of {result.total:,}"),
             (seen_text, "images seen in training"),
             (f"{result.mean_confidence:.4f}", "mean confidence"),
