@@ -13,7 +13,9 @@ of the non-digit set flagged. `--validation` takes the digits from the run's own
 
 Runs trained with outlier exposure (`outliers` > 0) saw non-digits from `digitlab.outliers`,
 which are drawn differently on purpose (Bezier strokes, Pillow's built-in font, training digits),
-so that this set measures how the exposure carries over to non-digits it never saw.
+so that this set measures how the exposure carries over to non-digits it never saw. (On a machine
+without DejaVu/Liberation the letters fall back to Pillow's font, the one training drew from, and
+the letters figure is then optimistic.)
 """
 
 from __future__ import annotations
