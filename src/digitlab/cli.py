@@ -345,7 +345,7 @@ def _add_kaggle(sub: argparse._SubParsersAction) -> None:
     kaggle = sub.add_parser(
         "kaggle", help="the Kaggle recipe: leaderboard forecast on a held-out fold, then submission.csv",
         description="1) Train an ensemble with --holdout of train.csv held out (the same images for every "
-        "member) and measure it there with TTA: the leaderboard accuracy to expect, with its 95%% interval "
+        "member) and measure it there with TTA: the leaderboard accuracy to expect, with its 95% interval "
         "(OUT/forecast.json). 2) Train the same ensemble on all of train.csv and predict test.csv with TTA "
         "into OUT/submission.csv. That is twice the training of one ensemble; run the same command again to "
         "resume after an interruption.",
