@@ -2,8 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from digitlab.config import AugmentConfig, TrainConfig
 from digitlab.errors import DigitlabError
+
+# Highest single-model accuracy: the Kaggle "25 million images" BN-everywhere net,
+# +-12 deg rotation, 10% zoom and shift, AdamW + one-cycle, label smoothing, and an
+# exponential moving average of the weights for evaluation.
+_BEST = TrainConfig(
+    preset="best",
+    model="best",
+    epochs=15,
+    batch_size=128,
+    optimizer="adamw",
+    lr=3e-3,
+    momentum=0.9,
+    weight_decay=5e-4,
+    schedule="onecycle",
+    warmup_fraction=0.15,
+    label_smoothing=0.1,
+    ema_decay=0.999,
+    val_split=0.0,
+    augment=AugmentConfig(rotation=12.0, zoom=0.1, shift=0.1, fill="constant"),
+)
 
 PRESETS: dict[str, TrainConfig] = {
     # The 2017 notebook exactly: RMSprop with Keras' defaults (lr 1e-3, rho 0.9; torch's
@@ -74,25 +96,7 @@ PRESETS: dict[str, TrainConfig] = {
         augment=AugmentConfig(rotation=8.0, zoom=0.08, shift=0.08, fill="constant"),
         eval_batch_size=4096,
     ),
-    # Highest single-model accuracy: the Kaggle "25 million images" BN-everywhere net,
-    # +-12 deg rotation, 10% zoom and shift, AdamW + one-cycle, label smoothing, and an
-    # exponential moving average of the weights for evaluation.
-    "best": TrainConfig(
-        preset="best",
-        model="best",
-        epochs=15,
-        batch_size=128,
-        optimizer="adamw",
-        lr=3e-3,
-        momentum=0.9,
-        weight_decay=5e-4,
-        schedule="onecycle",
-        warmup_fraction=0.15,
-        label_smoothing=0.1,
-        ema_decay=0.999,
-        val_split=0.0,
-        augment=AugmentConfig(rotation=12.0, zoom=0.1, shift=0.1, fill="constant"),
-    ),
+    "best": _BEST,
     # For digits that are not MNIST's (issue 13), the default of `serve` and `predict`: `best`'s
     # network and optimiser for 8 epochs, wider affine ranges (slant, small or rotated digits),
     # elastic strokes, photometric transforms for pen width, blur, low resolution, noise and grey
@@ -100,19 +104,10 @@ PRESETS: dict[str, TrainConfig] = {
     # towards no class) so that "uncertain" catches letters and scribbles. Chosen on validation
     # (benchmarks/RESULTS.md): this network held clean accuracy where `quick`'s lost 0.05-0.5
     # points under the same augmentation; 10 epochs or a quarter of non-digits gained nothing.
-    "robust": TrainConfig(
+    "robust": replace(
+        _BEST,
         preset="robust",
-        model="best",
         epochs=8,
-        batch_size=128,
-        optimizer="adamw",
-        lr=3e-3,
-        momentum=0.9,
-        weight_decay=5e-4,
-        schedule="onecycle",
-        warmup_fraction=0.15,
-        label_smoothing=0.1,
-        ema_decay=0.999,
         outliers=0.1,
         outlier_weight=0.5,
         val_split=0.1,
