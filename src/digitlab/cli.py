@@ -311,9 +311,7 @@ def _run_ensemble(args: argparse.Namespace) -> int:
     from digitlab.progress import TrainingProgress
     from digitlab.train import TrainingInterrupted
 
-    names = [n.strip() for n in args.presets.split(",") if n.strip()] if args.presets else [args.preset]
-    if not names:
-        raise DigitlabError(f"--presets {args.presets!r} names no preset; write e.g. --presets best,fast-long")
+    names = _preset_names(args.presets) if args.presets else [args.preset]
     overrides = _recipe_overrides(args)
     recipes = [get_preset(name).with_overrides(**overrides) for name in names]
     training = TrainingProgress(quiet=args.quiet)
@@ -339,6 +337,14 @@ def _run_ensemble(args: argparse.Namespace) -> int:
         return 130
     print(f"ensemble ready: {out}")
     return 0
+
+
+def _preset_names(text: str) -> list[str]:
+    """`--presets A,B,...` as a list of names (checked against the presets when they are looked up)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise DigitlabError(f"--presets {text!r} names no preset; write e.g. --presets best,fast-long")
+    return names
 
 
 def _add_kaggle(sub: argparse._SubParsersAction) -> None:
@@ -371,10 +377,7 @@ def _run_kaggle(args: argparse.Namespace) -> int:
     from digitlab.progress import TrainingProgress
     from digitlab.train import TrainingInterrupted
 
-    names = [n.strip() for n in args.presets.split(",") if n.strip()]
-    if not names:
-        raise DigitlabError(f"--presets {args.presets!r} names no preset; write e.g. --presets best,fast-long")
-    recipes = [get_preset(name).with_overrides(epochs=args.epochs) for name in names]
+    recipes = [get_preset(name).with_overrides(epochs=args.epochs) for name in _preset_names(args.presets)]
     training = TrainingProgress()
 
     def show(event: dict) -> None:

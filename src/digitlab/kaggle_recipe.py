@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +43,8 @@ def fold_recipes(recipes: Sequence[TrainConfig], train_csv: str | Path, holdout:
 
 
 def full_recipes(recipes: Sequence[TrainConfig], train_csv: str | Path) -> list[TrainConfig]:
-    """The recipes on all of train.csv: nothing held out."""
-    return [r.with_overrides(data=f"kaggle:{train_csv}", val_split=0.0, val_data=None).validate() for r in recipes]
+    """The recipes on all of train.csv: nothing held out (`replace`, since `with_overrides` keeps a None)."""
+    return [replace(r, data=f"kaggle:{train_csv}", val_split=0.0, val_data=None).validate() for r in recipes]
 
 
 def kaggle_recipe(
