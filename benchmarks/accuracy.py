@@ -6,6 +6,7 @@ table, never to choose anything. Runs already in RUNS_DIR are reused; missing on
 
     python benchmarks/accuracy.py --runs-dir runs/bench [--presets seed2017 fast best]
                                   [--members 5] [--jobs 1] [--no-train]
+    python benchmarks/accuracy.py --runs-dir runs/bench --presets --members 0 --runs RUN_DIR ...
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="ensemble members trained at once")
     parser.add_argument("--no-train", action="store_true", help="only measure runs that already exist")
     parser.add_argument("--no-tta", action="store_true")
+    parser.add_argument("--runs", nargs="+", type=Path, default=[],
+                        help="finished run folders (any presets, trained on mnist:train only) to average "
+                             "in the given order: the curve by N of a mixed ensemble")
     args = parser.parse_args()
 
     test = load_mnist("test")
@@ -78,37 +82,42 @@ def main() -> None:
         tta = None if args.no_tta else tta_proba(predictor, test.images)
         print(row(preset, probs, labels, train_minutes(run), tta), flush=True)
 
+    if args.runs:
+        curve(args.runs, [train_minutes(r) for r in args.runs], test.images, labels, not args.no_tta,
+              "the given runs")
     if args.members:
         folder = args.runs_dir / f"ensemble-{args.ensemble_preset}"
         if not is_ensemble(folder) and not args.no_train:
             config = get_preset(args.ensemble_preset).with_overrides(val_split=0.0)
             train_ensemble(config, folder, args.members, jobs=args.jobs)
         if is_ensemble(folder):
-            predictor = load_predictor(folder)
-            members = predictor.member_proba(test.images)  # (M, N, 10)
-            minutes = [train_minutes(m) for m in ensemble_members(folder)]
-            tta_members = None
-            if not args.no_tta:
-                tta_members = np.stack([tta_proba(load_predictor(m), test.images) for m in ensemble_members(folder)])
-            print(f"\nensemble of `{args.ensemble_preset}` members, accuracy vs N "
-                  "(mean of the first N members' probabilities):\n")
-            print("| members | test accuracy | errors / 10,000 | train minutes (sum) | with TTA | errors with TTA |")
-            print("|---|---:|---:|---:|---:|---:|")
-            for n in range(1, len(members) + 1):
-                tta = None if tta_members is None else tta_members[:n].mean(0)
-                print(row(f"N={n}", members[:n].mean(0), labels, sum(minutes[:n]), tta), flush=True)
-            singles = [(m.argmax(1) == labels).mean() for m in members]
-            print(f"\nsingle members: {', '.join(f'{100 * a:.2f}%' for a in singles)} "
-                  f"(mean {100 * np.mean(singles):.2f}%)")
-            # how much the members agree on their mistakes: errors all of them make, averaging cannot fix
-            wrong_count = (members.argmax(2) != labels[None]).sum(0)
-            ensemble_wrong = members.mean(0).argmax(1) != labels
-            n = len(members)
-            print(f"test images misread by at least one member: {int((wrong_count > 0).sum())}, "
-                  f"by at least half: {int((wrong_count >= (n + 1) // 2).sum())}, by all {n}: "
-                  f"{int((wrong_count == n).sum())} (of the ensemble's {int(ensemble_wrong.sum())} errors, "
-                  f"{int((ensemble_wrong & (wrong_count == n)).sum())} are misread by every member)")
+            members = ensemble_members(folder)
+            curve(members, [train_minutes(m) for m in members], test.images, labels, not args.no_tta,
+                  f"`{args.ensemble_preset}` members")
 
+
+def curve(runs: list[Path], minutes: list[float], images: np.ndarray, labels: np.ndarray, with_tta: bool,
+          what: str) -> None:
+    """Accuracy of the mean of the first N runs' probabilities, N = 1..len(runs), in the given order."""
+    members = np.stack([load_predictor(r).predict_proba(images) for r in runs])  # (M, N, 10)
+    tta_members = np.stack([tta_proba(load_predictor(r), images) for r in runs]) if with_tta else None
+    print(f"\nensemble of {what}, accuracy vs N (mean of the first N members' probabilities):\n")
+    print("| members | test accuracy | errors / 10,000 | train minutes (sum) | with TTA | errors with TTA |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for n in range(1, len(members) + 1):
+        tta = None if tta_members is None else tta_members[:n].mean(0)
+        print(row(f"N={n} (+{runs[n - 1].name})", members[:n].mean(0), labels, sum(minutes[:n]), tta), flush=True)
+    singles = [(m.argmax(1) == labels).mean() for m in members]
+    print(f"\nsingle members: {', '.join(f'{100 * a:.2f}%' for a in singles)} "
+          f"(mean {100 * np.mean(singles):.2f}%)")
+    # how much the members agree on their mistakes: errors all of them make, averaging cannot fix
+    wrong_count = (members.argmax(2) != labels[None]).sum(0)
+    ensemble_wrong = members.mean(0).argmax(1) != labels
+    n = len(members)
+    print(f"test images misread by at least one member: {int((wrong_count > 0).sum())}, "
+          f"by at least half: {int((wrong_count >= (n + 1) // 2).sum())}, by all {n}: "
+          f"{int((wrong_count == n).sum())} (of the ensemble's {int(ensemble_wrong.sum())} errors, "
+          f"{int((ensemble_wrong & (wrong_count == n)).sum())} are misread by every member)")
 
 if __name__ == "__main__":
     main()

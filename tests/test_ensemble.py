@@ -118,3 +118,49 @@ def test_logloss_weights_need_validation_loss(tmp_path: Path) -> None:
 def test_unknown_preset_in_list_is_one_line(tmp_path: Path, capsys) -> None:
     assert main(["ensemble", "--presets", "fast,nope", "--members", "2", "--out", str(tmp_path / "x")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_forward_selection_picks_complementary_members_and_stops() -> None:
+    from digitlab.ensemble import forward_selection
+
+    labels = np.array([0, 0, 1, 1])
+    sure, unsure = [0.9, 0.1], [0.4, 0.6]
+    a = np.array([sure, sure, unsure[::-1], unsure[::-1]])  # sure of the 0s, slightly wrong on the 1s
+    b = np.array([unsure, unsure, sure[::-1], sure[::-1]])  # the opposite
+    c = np.full((4, 2), 0.45)  # never more than 45% on the truth
+    c[:, 1] = 0.55
+    c[2:] = c[2:, ::-1]
+    # a alone (log-loss 0.51), then b (the mean gives 0.65 to every truth: 0.43); a third pick of any
+    # member raises the loss, so it stops there and c never helps
+    assert forward_selection(np.stack([c, a, b]), labels, max_picks=10) == [1, 2]
+    perfect = np.array([[0.99, 0.01], [0.99, 0.01], [0.01, 0.99], [0.01, 0.99]])
+    assert forward_selection(np.stack([a, perfect, b]), labels, max_picks=10) == [1]
+
+
+def test_greedy_weights_are_fitted_on_the_shared_validation_split(tmp_path: Path, csv_1000: Path) -> None:
+    from digitlab.calibration import nll
+    from digitlab.ensemble import forward_selection, greedy_weights
+    from digitlab.errors import DigitlabError
+    from digitlab.overlap import validation_data
+
+    out = tmp_path / "greedy"
+    argv = ["ensemble", "--presets", "fast,quick", "--members", "3", "--data", f"kaggle:{csv_1000}", "--epochs", "1",
+            "--batch-size", "64", "--val-split", "0.2", "--seed", "3", "--weights", "greedy", "--out", str(out)]
+    assert main(argv) == 0
+    manifest = json.loads((out / "ensemble.json").read_text())
+    members = [out / m for m in manifest["members"]]
+    val = validation_data(members[0])
+    probs = np.stack([load_predictor(m, calibrated=False).predict_proba(val.images) for m in members])
+    picks = forward_selection(probs, val.labels, 6)
+    expected = np.bincount(picks, minlength=3) / len(picks)
+    np.testing.assert_allclose(manifest["weights"], expected)
+    assert manifest["weighting"] == "greedy"
+    # the fitted mix is at least as good on validation as any single member
+    mixed = np.tensordot(np.array(manifest["weights"]), probs, axes=1)
+    assert nll(mixed, val.labels) <= min(nll(p, val.labels) for p in probs) + 1e-9
+
+    # a run that trained on the validation images cannot take part
+    assert main(["train", "--preset", "fast", "--data", f"kaggle:{csv_1000}", "--epochs", "1", "--batch-size", "64",
+                 "--val-split", "0", "--out", str(tmp_path / "all"), "--quiet"]) == 0
+    with pytest.raises(DigitlabError, match="trained on images of the ensemble's validation split"):
+        greedy_weights([members[0], tmp_path / "all"])

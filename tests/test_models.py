@@ -65,3 +65,30 @@ def test_fast_dropout_rate_scale_and_eval_identity() -> None:
     assert not torch.equal(drop(x), y)  # a new mask every call
     drop.eval()
     assert drop(x) is x
+
+
+def test_resnet_is_the_anchor_scaled_by_width() -> None:
+    from digitlab.models import ResNet
+
+    model = create_model("resnet")
+    assert count_parameters(model) == 298_442
+    # global average pooling: the classifier sees only the widest block's channel means
+    assert model.classifier[-1].in_features == 128
+    wide = create_model("resnet", width=48)
+    assert isinstance(wide, ResNet) and wide.classifier[-1].in_features == 192
+    assert count_parameters(wide) > 2 * count_parameters(model)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_exports_to_onnx_with_the_same_outputs(name: str) -> None:
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("onnxruntime")
+    from digitlab.export import module_to_onnx, onnx_session
+
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    x = torch.rand(3, 1, 28, 28)
+    session = onnx_session(module_to_onnx(model))
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-4)

@@ -292,9 +292,11 @@ def _add_ensemble(sub: argparse._SubParsersAction) -> None:
                      help="comma-separated recipes instead of --preset: member i trains recipe i mod their number "
                      "(--presets best,fast-long --members 4: best, fast-long, best, fast-long), so members differ in "
                      "architecture and augmentation, not only seed")
-    ens.add_argument("--weights", choices=["equal", "logloss"], default="equal",
-                     help="average of the members' probabilities: equal, or weighted by 1 / each member's "
-                     "validation log-loss, stored in ensemble.json (default: equal)")
+    ens.add_argument("--weights", choices=["equal", "logloss", "greedy"], default="equal",
+                     help="average of the members' probabilities: equal; weighted by 1 / each member's "
+                     "validation log-loss; or greedy: weights fitted on the validation split all members held "
+                     "out, by forward selection on log-loss (a member that adds nothing gets 0). Stored in "
+                     "ensemble.json (default: equal)")
     ens.add_argument("--members", type=_positive_int, default=5, help="how many members (default: 5)")
     ens.add_argument("--jobs", type=_positive_int, default=1,
                      help="members trained at once in separate processes, splitting the CPU cores (default: 1)")

@@ -58,7 +58,7 @@ def plan_members(out_dir: Path, members: int, first_seed: int, recipes: int = 1)
     return [MemberPlan(i, first_seed + i, out_dir / f"{MEMBER_PREFIX}{i}", i % recipes) for i in range(members)]
 
 
-WEIGHTINGS = ("equal", "logloss")
+WEIGHTINGS = ("equal", "logloss", "greedy")
 
 
 def logloss_weights(run_dirs: Sequence[Path]) -> list[float]:
@@ -73,6 +73,48 @@ def logloss_weights(run_dirs: Sequence[Path]) -> list[float]:
         losses.append(float(loss))
     inverse = 1 / np.asarray(losses)
     return [float(w) for w in inverse / inverse.sum()]
+
+
+def forward_selection(val_probs: np.ndarray, labels: np.ndarray, max_picks: int) -> list[int]:
+    """Caruana et al. (2004): add, one at a time and with replacement, the member whose addition
+    most lowers the validation log-loss of the running mean; stop after `max_picks` or when no
+    addition helps. `val_probs` is (members, N, 10); returns the picked indices in order."""
+    from digitlab.calibration import nll
+
+    picks: list[int] = []
+    total = np.zeros(val_probs.shape[1:], dtype=np.float64)
+    best = np.inf
+    for _ in range(max_picks):
+        losses = [nll((total + p) / (len(picks) + 1), labels) for p in val_probs]
+        pick = int(np.argmin(losses))
+        if losses[pick] >= best:
+            break
+        best = losses[pick]
+        picks.append(pick)
+        total += val_probs[pick]
+    return picks
+
+
+def greedy_weights(run_dirs: Sequence[Path], max_picks: int | None = None) -> list[float]:
+    """Weights fitted on the validation images every member held out: each member's share of the
+    picks of `forward_selection` (up to 2 picks per member), so a member that adds nothing gets 0."""
+    from digitlab.inference import load_predictor
+    from digitlab.overlap import run_train_hashes, validation_data
+
+    val = validation_data(run_dirs[0])
+    if val is None or len(val) == 0:
+        raise DigitlabError(f"{run_dirs[0]}: no validation split; --weights greedy needs members trained "
+                            "with validation data")
+    labels = val.require_labels("--weights greedy needs labelled validation data")
+    for run_dir in run_dirs:
+        seen = run_train_hashes(run_dir)
+        if seen is not None and np.isin(val.image_hashes(), seen).any():
+            raise DigitlabError(f"{run_dir}: trained on images of the ensemble's validation split; "
+                                "--weights greedy needs members that all held out the same images")
+    probs = np.stack([load_predictor(r, calibrated=False).predict_proba(val.images) for r in run_dirs])
+    picks = forward_selection(probs, labels, max_picks or 2 * len(run_dirs))
+    counts = np.bincount(picks, minlength=len(run_dirs)).astype(np.float64)
+    return [float(c) for c in counts / counts.sum()]
 
 
 def _train_in_process(config: TrainConfig, plan: MemberPlan, callbacks: Iterable[Callable],
@@ -157,7 +199,8 @@ def train_ensemble(
     `config` is one recipe or a list (member i trains recipe i mod len); seeds run from
     `first_seed` (default: the first recipe's), and every member holds out the same validation
     images (split seed: the first seed, unless the recipe sets `split_seed`). `weights="logloss"` weights the average by
-    1 / each member's validation log-loss (see `logloss_weights`). `progress` shows fit's
+    1 / each member's validation log-loss (see `logloss_weights`); `weights="greedy"` fits the
+    weights on that shared split by forward selection (see `greedy_weights`). `progress` shows fit's
     progress bars for members trained in this process (jobs=1).
     """
     out_dir = Path(out_dir)
@@ -165,7 +208,7 @@ def train_ensemble(
     if not recipes:
         raise DigitlabError("an ensemble needs at least one recipe")
     if weights not in WEIGHTINGS:
-        raise DigitlabError(f"unknown weighting {weights!r}; choose {' or '.join(WEIGHTINGS)}")
+        raise DigitlabError(f"unknown weighting {weights!r}; choose one of {', '.join(WEIGHTINGS)}")
     if any(r.tensorboard for r in recipes):
         from digitlab.tensorboard import require_tensorboard
 
@@ -212,4 +255,6 @@ def _manifest(recipes: list[TrainConfig], plans: list[MemberPlan], weights: str)
         manifest["configs"] = [r.to_dict() for r in recipes]
     if weights == "logloss":
         manifest["weights"] = logloss_weights([p.run_dir for p in plans])
+    elif weights == "greedy":
+        manifest["weights"] = greedy_weights([p.run_dir for p in plans])
     return manifest

@@ -97,6 +97,10 @@ PRESETS: dict[str, TrainConfig] = {
         eval_batch_size=4096,
     ),
     "best": _BEST,
+    # A second architecture for ensembles whose members should differ in more than seed (issue 11):
+    # ttdoucet/mnist's residual net with global average pooling at a quarter of its width (the
+    # anchor's width costs ~25x `best` per image), trained with `best`'s recipe.
+    "resnet": replace(_BEST, preset="resnet", model="resnet"),
     # For digits that are not MNIST's (issue 13), the default of `serve` and `predict`: `best`'s
     # network and optimiser for 8 epochs, wider affine ranges (slant, small or rotated digits),
     # elastic strokes, photometric transforms for pen width, blur, low resolution, noise and grey
