@@ -8,7 +8,8 @@ the validation images. The composition is chosen on those images only:
 - `all`: every run, equal weights (no choice at all);
 - `greedy`: forward selection with replacement (Caruana et al. 2004, what `digitlab ensemble
   --weights greedy` does): start empty, add the run that most lowers the ensemble's validation
-  log-loss, stop after `--max-members` picks or when no pick helps; a run picked twice counts twice.
+  log-loss (after temperature scaling: label-smoothed nets are under-confident), stop after
+  `--max-members` picks or when no pick helps; a run picked twice counts twice.
 
 The test set is read after the choice, for the table only.
 
@@ -24,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from digitlab.calibration import nll as log_loss
 from digitlab.data import load_mnist
+from digitlab.ensemble import calibrated_nll as log_loss
 from digitlab.ensemble import forward_selection
 from digitlab.inference import load_predictor, tta_proba
 from digitlab.overlap import validation_data
@@ -65,7 +66,7 @@ def main() -> None:
     test = load_mnist("test")
     test_probs = np.stack([p.predict_proba(test.images) for p in predictors])
     test_tta = None if args.no_tta else np.stack([tta_proba(p, test.images) for p in predictors])
-    print("| run | val errors | val log-loss | test accuracy | test errors |")
+    print("| run | val errors | val log-loss (temperature-scaled) | test accuracy | test errors |")
     print("|---|---:|---:|---:|---:|")
     for run, vp, tp in zip(args.runs, val_probs, test_probs, strict=True):
         print(f"| {run.name} | {errors(vp, val_labels)} | {log_loss(vp, val_labels):.4f} | "

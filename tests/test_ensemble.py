@@ -138,8 +138,7 @@ def test_forward_selection_picks_complementary_members_and_stops() -> None:
 
 
 def test_greedy_weights_are_fitted_on_the_shared_validation_split(tmp_path: Path, csv_1000: Path) -> None:
-    from digitlab.calibration import nll
-    from digitlab.ensemble import forward_selection, greedy_weights
+    from digitlab.ensemble import calibrated_nll, forward_selection, greedy_weights
     from digitlab.errors import DigitlabError
     from digitlab.overlap import validation_data
 
@@ -155,12 +154,26 @@ def test_greedy_weights_are_fitted_on_the_shared_validation_split(tmp_path: Path
     expected = np.bincount(picks, minlength=3) / len(picks)
     np.testing.assert_allclose(manifest["weights"], expected)
     assert manifest["weighting"] == "greedy"
-    # the fitted mix is at least as good on validation as any single member
+    # the fitted mix is at least as good on validation as any single member (after temperature scaling)
     mixed = np.tensordot(np.array(manifest["weights"]), probs, axes=1)
-    assert nll(mixed, val.labels) <= min(nll(p, val.labels) for p in probs) + 1e-9
+    assert calibrated_nll(mixed, val.labels) <= min(calibrated_nll(p, val.labels) for p in probs) + 1e-9
 
     # a run that trained on the validation images cannot take part
     assert main(["train", "--preset", "fast", "--data", f"kaggle:{csv_1000}", "--epochs", "1", "--batch-size", "64",
                  "--val-split", "0", "--out", str(tmp_path / "all"), "--quiet"]) == 0
     with pytest.raises(DigitlabError, match="trained on images of the ensemble's validation split"):
         greedy_weights([members[0], tmp_path / "all"])
+
+
+def test_calibrated_nll_ignores_the_confidence_scale() -> None:
+    from digitlab.calibration import apply_temperature, nll
+    from digitlab.ensemble import calibrated_nll
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 500)
+    logits = rng.normal(size=(500, 10))
+    logits[np.arange(500), labels] += 2.0
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    flat = apply_temperature(probs, 3.0)  # as a label-smoothed net: same ranking, less confident
+    assert nll(flat, labels) > nll(probs, labels) + 0.1
+    assert calibrated_nll(flat, labels) == pytest.approx(calibrated_nll(probs, labels), abs=1e-3)

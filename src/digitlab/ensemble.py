@@ -75,17 +75,24 @@ def logloss_weights(run_dirs: Sequence[Path]) -> list[float]:
     return [float(w) for w in inverse / inverse.sum()]
 
 
+def calibrated_nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Log-loss after the temperature that minimises it: how well `probs` rank the truth, whatever
+    their confidence scale (label smoothing leaves a net under-confident, outlier exposure does not)."""
+    from digitlab.calibration import apply_temperature, fit_temperature, nll
+
+    return nll(apply_temperature(probs, fit_temperature(probs, labels)), labels)
+
+
 def forward_selection(val_probs: np.ndarray, labels: np.ndarray, max_picks: int) -> list[int]:
     """Caruana et al. (2004): add, one at a time and with replacement, the member whose addition
-    most lowers the validation log-loss of the running mean; stop after `max_picks` or when no
-    addition helps. `val_probs` is (members, N, 10); returns the picked indices in order."""
-    from digitlab.calibration import nll
-
+    most lowers the validation log-loss of the running mean (temperature-scaled, see
+    `calibrated_nll`); stop after `max_picks` or when no addition helps. `val_probs` is
+    (members, N, 10); returns the picked indices in order."""
     picks: list[int] = []
     total = np.zeros(val_probs.shape[1:], dtype=np.float64)
     best = np.inf
     for _ in range(max_picks):
-        losses = [nll((total + p) / (len(picks) + 1), labels) for p in val_probs]
+        losses = [calibrated_nll((total + p) / (len(picks) + 1), labels) for p in val_probs]
         pick = int(np.argmin(losses))
         if losses[pick] >= best:
             break
