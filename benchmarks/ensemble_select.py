@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from digitlab.data import load_mnist
+from digitlab.data import load_source
 from digitlab.ensemble import calibrated_nll as log_loss
 from digitlab.ensemble import forward_selection
 from digitlab.inference import load_predictor, tta_proba
@@ -55,15 +55,19 @@ def main() -> None:
     parser.add_argument("--select", nargs="+", choices=("all", "greedy"), default=["all", "greedy"])
     parser.add_argument("--max-members", type=int, default=10)
     parser.add_argument("--no-tta", action="store_true")
+    parser.add_argument("--test", default="mnist:test", help="test source (default: mnist:test; "
+                        "idx:DIR:test where the wheel is not installed)")
+    parser.add_argument("--device", default="cpu", help="where the members run: cpu, cuda, auto")
     args = parser.parse_args()
 
     val_images, val_labels = shared_validation(args.runs)
-    predictors = [load_predictor(r, calibrated=False) for r in args.runs]
+    predictors = [load_predictor(r, device=args.device, calibrated=False) for r in args.runs]
     val_probs = np.stack([p.predict_proba(val_images) for p in predictors])
+    test = load_source(args.test)
+    test.require_labels("the test set needs labels")
     print(f"torch {torch.__version__}, {os.cpu_count()} cores; {len(val_labels):,} shared validation "
-          "images, MNIST test 10,000 images\n")
+          f"images; test {args.test}, {len(test):,} images\n")
 
-    test = load_mnist("test")
     test_probs = np.stack([p.predict_proba(test.images) for p in predictors])
     test_tta = None if args.no_tta else np.stack([tta_proba(p, test.images) for p in predictors])
     print("| run | val errors | val log-loss (temperature-scaled) | test accuracy | test errors |")
@@ -81,7 +85,7 @@ def main() -> None:
     for name in args.select:
         idx = choices[name]
         vp, tp = val_probs[idx].mean(0), test_probs[idx].mean(0)
-        tta = "-" if test_tta is None else f"{100 * (1 - errors(test_tta[idx].mean(0), test.labels) / 10_000):.2f}%"
+        tta = "-" if test_tta is None else f"{100 * (1 - errors(test_tta[idx].mean(0), test.labels) / len(test)):.2f}%"
         names = ", ".join(args.runs[i].name for i in idx)
         print(f"| {name} | {names} | {errors(vp, val_labels)} | {log_loss(vp, val_labels):.4f} | "
               f"{100 * (1 - errors(tp, test.labels) / len(tp)):.2f}% | {errors(tp, test.labels)} | {tta} |")

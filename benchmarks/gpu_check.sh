@@ -3,6 +3,7 @@
 # GPU issue. MNIST comes from the four IDX files in DIR (default gpu-data/, git-ignored: copy
 # ../shared/data/mnist/* there and pass it in the device tool's `carry`).
 #   bash benchmarks/gpu_check.sh [DIR]
+# With device time left, issue 11's full-width committee: bash benchmarks/gpu_committee.sh [DIR] 5
 set -u
 dir=${1:-gpu-data}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
