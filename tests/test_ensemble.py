@@ -177,3 +177,12 @@ def test_calibrated_nll_ignores_the_confidence_scale() -> None:
     flat = apply_temperature(probs, 3.0)  # as a label-smoothed net: same ranking, less confident
     assert nll(flat, labels) > nll(probs, labels) + 0.1
     assert calibrated_nll(flat, labels) == pytest.approx(calibrated_nll(probs, labels), abs=1e-3)
+
+
+def test_fitted_weights_without_validation_data_are_refused_before_training(tmp_path: Path) -> None:
+    from digitlab.errors import DigitlabError
+
+    for weights in ("greedy", "logloss"):
+        with pytest.raises(DigitlabError, match=f"--weights {weights} needs validation data"):
+            train_ensemble(get_preset("fast").with_overrides(val_split=0.0), tmp_path / weights, 2, weights=weights)
+        assert not (tmp_path / weights / "member-0").exists()

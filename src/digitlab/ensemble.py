@@ -216,6 +216,9 @@ def train_ensemble(
         raise DigitlabError("an ensemble needs at least one recipe")
     if weights not in WEIGHTINGS:
         raise DigitlabError(f"unknown weighting {weights!r}; choose one of {', '.join(WEIGHTINGS)}")
+    if weights != "equal" and any(r.val_split <= 0 and not r.val_data for r in recipes):
+        # said now, not after hours of training when the weights are fitted
+        raise DigitlabError(f"--weights {weights} needs validation data: give --val-split (e.g. 0.1) or val_data")
     if any(r.tensorboard for r in recipes):
         from digitlab.tensorboard import require_tensorboard
 

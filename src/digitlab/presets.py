@@ -101,7 +101,7 @@ PRESETS: dict[str, TrainConfig] = {
     # ttdoucet/mnist's residual net with global average pooling at a quarter of its width (the
     # anchor's width costs ~25x `best` per image), trained with `best`'s recipe. On a 54,001 / 5,999
     # validation split its temperature-scaled log-loss was 0.0180-0.0197 over three augmentations
-    # against 0.0202-0.0209 for `best`'s network, while their error counts tie (25-31 vs 24-30);
+    # against 0.0202-0.0209 for `best`'s network, while their error counts tie (26-31 of 5,999 vs 24-30);
     # widths 48 and 64 validated no better (benchmarks/RESULTS.md).
     "resnet": replace(_BEST, preset="resnet", model="resnet"),
     # For digits that are not MNIST's (issue 13), the default of `serve` and `predict`: `best`'s
