@@ -3,7 +3,7 @@ on the MNIST test set (issue 11 §3): members that differ in architecture and au
 
 Every run must have been trained on MNIST's training set with the same held-out split (the
 same `val_split` and split seed, e.g. `"split_seed": 0` in each config), so that no member saw
-the validation images. The composition is chosen on those images only:
+the validation images (`digitlab.ensemble.shared_validation` checks it). The composition is chosen on those images only:
 
 - `all`: every run, equal weights (no choice at all);
 - `greedy`: forward selection with replacement (Caruana et al. 2004, what `digitlab ensemble
@@ -27,22 +27,8 @@ import torch
 
 from digitlab.data import load_source
 from digitlab.ensemble import calibrated_nll as log_loss
-from digitlab.ensemble import forward_selection
+from digitlab.ensemble import forward_selection, shared_validation
 from digitlab.inference import load_predictor, tta_proba
-from digitlab.overlap import validation_data
-
-
-def shared_validation(runs: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """The images and labels of the validation split every run held out; refuses runs that differ."""
-    first = validation_data(runs[0])
-    if first is None:
-        raise SystemExit(f"{runs[0]}: kept no validation split")
-    reference = first.image_hashes()
-    for run in runs[1:]:
-        val = validation_data(run)
-        if val is None or not np.array_equal(val.image_hashes(), reference):
-            raise SystemExit(f"{run}: does not hold out the same validation images as {runs[0]}")
-    return first.images, first.require_labels("validation needs labels")
 
 
 def errors(probs: np.ndarray, labels: np.ndarray) -> int:
@@ -60,7 +46,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="where the members run: cpu, cuda, auto")
     args = parser.parse_args()
 
-    val_images, val_labels = shared_validation(args.runs)
+    val = shared_validation(args.runs)
+    val_images, val_labels = val.images, val.require_labels("validation needs labels")
     predictors = [load_predictor(r, device=args.device, calibrated=False) for r in args.runs]
     val_probs = np.stack([p.predict_proba(val_images) for p in predictors])
     test = load_source(args.test)

@@ -186,3 +186,33 @@ def test_fitted_weights_without_validation_data_are_refused_before_training(tmp_
         with pytest.raises(DigitlabError, match=f"--weights {weights} needs validation data"):
             train_ensemble(get_preset("fast").with_overrides(val_split=0.0), tmp_path / weights, 2, weights=weights)
         assert not (tmp_path / weights / "member-0").exists()
+
+
+def test_shared_validation_drops_duplicates_of_training_images_and_refuses_other_splits(tmp_path: Path) -> None:
+    from digitlab.checkpoint import write_train_hashes
+    from digitlab.data.dataset import image_hashes
+    from digitlab.data.split import split
+    from digitlab.ensemble import shared_validation
+    from digitlab.errors import DigitlabError
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 10)
+    images = rng.integers(0, 256, (100, 28, 28), dtype=np.uint8)
+    train_idx, val_idx = split(labels, 0.2, 5)
+    images[train_idx[0]] = images[val_idx[0]]  # the same digit twice in the data, once on each side
+    csv = write_kaggle_csv(tmp_path / "train.csv", DigitData(images, labels, "synthetic"))
+    config = {"data": f"kaggle:{csv}", "val_split": 0.2, "seed": 9, "split_seed": 5}
+    runs = []
+    for name, overrides in (("a", {}), ("b", {"seed": 10}), ("other", {"split_seed": 6})):
+        run = tmp_path / name
+        run.mkdir()
+        meta = {"model": "fast", "model_args": {}, "config": {**config, **overrides}}
+        (run / "model.json").write_text(json.dumps(meta))
+        write_train_hashes(run, image_hashes(images[train_idx]))
+        runs.append(run)
+
+    val = shared_validation(runs[:2])
+    assert len(val) == len(val_idx) - 1  # the duplicate is left out, the split is not refused
+    assert not np.isin(image_hashes(val.images), image_hashes(images[train_idx])).any()
+    with pytest.raises(DigitlabError, match="trained on images of the ensemble's validation split"):
+        shared_validation([runs[0], runs[2]])

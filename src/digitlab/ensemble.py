@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from digitlab.checkpoint import (
 from digitlab.config import TrainConfig
 from digitlab.errors import DigitlabError
 from digitlab.rundir import ENSEMBLE_FILE, MEMBER_PREFIX, MODEL_META, STATE_FILE
+
+if TYPE_CHECKING:
+    from digitlab.data import DigitData
 
 log = logging.getLogger(__name__)
 
@@ -102,26 +105,50 @@ def forward_selection(val_probs: np.ndarray, labels: np.ndarray, max_picks: int)
     return picks
 
 
-def greedy_weights(run_dirs: Sequence[Path], max_picks: int | None = None) -> list[float]:
-    """Weights fitted on the validation images every member held out: each member's share of the
-    picks of `forward_selection` (up to 2 picks per member), so a member that adds nothing gets 0."""
-    from digitlab.inference import load_predictor
-    from digitlab.overlap import run_train_hashes, validation_data
+def shared_validation(run_dirs: Sequence[Path]) -> DigitData:
+    """The labelled validation images every run held out: the first run's, refused if another run
+    held out other images, less any image a run trained on (a duplicate elsewhere in the data)."""
+    from digitlab.overlap import check_seen, run_train_hashes, validation_data, validation_key
 
     val = validation_data(run_dirs[0])
     if val is None or len(val) == 0:
-        raise DigitlabError(f"{run_dirs[0]}: no validation split; --weights greedy needs members trained "
+        raise DigitlabError(f"{run_dirs[0]}: no validation split; fitting on validation needs members trained "
                             "with validation data")
+    key = validation_key(run_dirs[0])
+    for run_dir in run_dirs[1:]:
+        if validation_key(run_dir) != key:
+            raise DigitlabError(f"{run_dir}: trained on images of the ensemble's validation split; fitting on "
+                                "validation needs members that all held out the same images")
+    val.require_labels("fitting on validation needs labelled validation data")
+    hashes = [h for h in (run_train_hashes(r) for r in run_dirs) if h is not None]
+    if hashes:
+        val = val.subset(check_seen(val, np.concatenate(hashes)).keep, val.source)
+    return val
+
+
+def greedy_weights(run_dirs: Sequence[Path], max_picks: int | None = None) -> list[float]:
+    """Weights fitted on the validation images every member held out (`shared_validation`): each
+    member's share of the picks of `forward_selection` (at most `max_picks`, default twice the
+    number of members), so a member that adds nothing gets 0."""
+    from digitlab.inference import load_predictor
+
+    val = shared_validation(run_dirs)
     labels = val.require_labels("--weights greedy needs labelled validation data")
-    for run_dir in run_dirs:
-        seen = run_train_hashes(run_dir)
-        if seen is not None and np.isin(val.image_hashes(), seen).any():
-            raise DigitlabError(f"{run_dir}: trained on images of the ensemble's validation split; "
-                                "--weights greedy needs members that all held out the same images")
     probs = np.stack([load_predictor(r, calibrated=False).predict_proba(val.images) for r in run_dirs])
     picks = forward_selection(probs, labels, max_picks or 2 * len(run_dirs))
     counts = np.bincount(picks, minlength=len(run_dirs)).astype(np.float64)
     return [float(c) for c in counts / counts.sum()]
+
+
+def emitter(callbacks: Iterable[Callable[[dict[str, Any]], None]]) -> Callable[[dict[str, Any]], None]:
+    """One function that hands an event to every callback."""
+    callbacks = list(callbacks)
+
+    def emit(event: dict[str, Any]) -> None:
+        for callback in callbacks:
+            callback(event)
+
+    return emit
 
 
 def _train_in_process(config: TrainConfig, plan: MemberPlan, callbacks: Iterable[Callable],
@@ -229,10 +256,7 @@ def train_ensemble(
     recipes = [r if r.split_seed is not None else r.with_overrides(split_seed=first) for r in recipes]
     plans = plan_members(out_dir, members, first, len(recipes))
     callbacks = list(callbacks)
-
-    def emit(event: dict[str, Any]) -> None:
-        for cb in callbacks:
-            cb(event)
+    emit = emitter(callbacks)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [p for p in plans if not p.done]

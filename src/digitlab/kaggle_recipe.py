@@ -61,7 +61,7 @@ def kaggle_recipe(
     progress: bool = True,
 ) -> KaggleResult:
     """Train the fold ensemble and forecast, then the full ensemble and write OUT/submission.csv."""
-    from digitlab.ensemble import train_ensemble
+    from digitlab.ensemble import emitter, train_ensemble
     from digitlab.evaluate import evaluate_run
     from digitlab.predict import predict_inputs, render, write_output
 
@@ -70,7 +70,7 @@ def kaggle_recipe(
         if not Path(path).is_file():
             raise DigitlabError(f"{path}: no such file")
     callbacks = list(callbacks)
-    emit = _emitter(callbacks)
+    emit = emitter(callbacks)
 
     emit({"event": "stage", "stage": "forecast", "out": str(out / FOLD_DIR)})
     fold = train_ensemble(fold_recipes(recipes, train_csv, holdout, seed), out / FOLD_DIR, members, jobs=jobs,
@@ -93,10 +93,3 @@ def kaggle_recipe(
     submission = write_output(text, out / SUBMISSION_FILE)
     return KaggleResult(forecast, submission, len(result.predictions))
 
-
-def _emitter(callbacks: list[Callable[[dict[str, Any]], None]]) -> Callable[[dict[str, Any]], None]:
-    def emit(event: dict[str, Any]) -> None:
-        for callback in callbacks:
-            callback(event)
-
-    return emit

@@ -115,6 +115,17 @@ def _split_seed(config: dict[str, Any]) -> int:
     return int(config.get("seed", 0) if split_seed is None else split_seed)
 
 
+def validation_key(run_dir: str | Path) -> tuple[Any, ...]:
+    """What decides the images a run validated on: runs with equal keys held out the same images."""
+    config = _run_config(Path(run_dir))
+    if config.get("val_data"):
+        return ("source", config["val_data"])
+    fraction = float(config.get("val_split", 0.0) or 0.0)
+    if fraction <= 0:
+        return ("none",)
+    return ("split", config.get("data", "mnist:train"), fraction, _split_seed(config))
+
+
 def validation_data(run_dir: str | Path) -> DigitData | None:
     """The labelled data a run validated on: its `val_data` source, or its held-out split of
     `data` rebuilt from the config's fraction and seed (an ensemble: its first member's); None
