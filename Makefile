@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint browser
+.PHONY: setup test lint browser test-torch
 
 setup: $(BIN)/digitlab
 
@@ -32,3 +32,15 @@ test: setup
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
+
+# The test suite under another torch release than the CPU pin (pyproject.toml declares torch>=2.4):
+#   make test-torch TORCH=2.4.1
+# PyPI's Linux wheels of torch are CUDA builds (a multi-GB download); on a machine without a GPU
+# they run the CPU tests and skip the `cuda` ones. The MNIST wheel comes from `make setup`'s cache.
+TORCH ?= 2.11.0
+test-torch: setup
+	$(PY) -m venv .venv-torch-$(TORCH)
+	.venv-torch-$(TORCH)/bin/pip install --quiet torch==$(TORCH)
+	.venv-torch-$(TORCH)/bin/pip install --quiet -e '.[dev]'
+	.venv-torch-$(TORCH)/bin/python -c 'import torch; print("torch", torch.__version__)'
+	.venv-torch-$(TORCH)/bin/python -m pytest -q
