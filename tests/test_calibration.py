@@ -85,6 +85,34 @@ def test_calibrate_command_on_a_copy(tiny_run: Path, tmp_path: Path) -> None:
     assert stored["source"] == "mnist:train[val]" and stored["count"] == 5999
 
 
+def test_calibrate_on_a_named_source_leaves_out_training_images(tiny_run: Path, tmp_path: Path,
+                                                                 mnist_train) -> None:
+    """tiny_run trained on mnist:train[:3000]: rows 2900..3099 are half seen, half new."""
+    import shutil
+
+    from digitlab.evaluate import calibrate_run, evaluate_run
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    rows = np.arange(2900, 3100)
+    csv = tmp_path / "labelled.csv"
+    table = np.column_stack([mnist_train.labels[rows], mnist_train.images[rows].reshape(len(rows), -1)])
+    header = "label," + ",".join(f"pixel{i}" for i in range(784))
+    np.savetxt(csv, table, fmt="%d", delimiter=",", header=header, comments="")
+    source = f"kaggle:{csv}"
+    calibration = calibrate_run(run, source)
+    assert (calibration["seen_left_out"], calibration["count"], calibration["source"]) == (100, 100, source)
+    assert json.loads((run / CALIBRATION_FILE).read_text())["count"] == 100
+    # measuring on the very source the temperature was fitted on says so
+    notes = evaluate_run(run, source).extra["notes"]
+    assert any("temperature was fitted on" in note for note in notes)
+    assert not any("temperature was fitted on" in n for n in evaluate_run(run, "mnist:test").extra["notes"])
+    seen_only = tmp_path / "seen.csv"
+    np.savetxt(seen_only, table[:100], fmt="%d", delimiter=",", header=header, comments="")
+    with pytest.raises(DigitlabError, match="every image was in the run's training data"):
+        calibrate_run(run, f"kaggle:{seen_only}")
+
+
 def test_corrupt_calibration_file_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / CALIBRATION_FILE).write_text('{"temperature": -1}')
     with pytest.raises(DigitlabError, match="positive"):

@@ -5,6 +5,8 @@ loss and of the EMA's count) fail here too, on torch's `meta` device or with a f
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
 import os
 import signal
 from pathlib import Path
@@ -12,12 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from digitlab import runtime, train
 from digitlab.config import DEVICES
 from digitlab.data import DigitData
+from digitlab.distributed import DistContext
+from digitlab.errors import DigitlabError
 from digitlab.models import create_model
-from digitlab.presets import get_preset
+from digitlab.presets import get_preset, list_presets
 from digitlab.train import TrainingInterrupted, fit, read_metrics
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "digitlab"
@@ -72,6 +80,61 @@ def test_weight_ema_never_reads_a_count_from_the_device() -> None:
     assert int(ema.n_averaged) == 3
 
 
+class _HostTraffic(TorchDispatchMode):
+    """Records every op that touches host (CPU) tensors and device tensors at once. On CUDA each
+    is a copy between the two, and a copy from ordinary host memory makes the CPU wait for the
+    card. Tensors built from Python data on a device (`torch.tensor(..., device=d)`) are copies
+    too but do not pass through this mode: `_recording_torch_tensor` catches those."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+        if len({t.device.type for t in tensors} | {"cpu"}) > 1 and any(t.device.type == "cpu" for t in tensors):
+            self.ops.append(str(func))
+        return out
+
+
+def _recording_torch_tensor(monkeypatch, made: list[str]) -> None:
+    real = torch.tensor
+
+    def tensor(data, *args, **kwargs):
+        t = real(data, *args, **kwargs)
+        if t.device.type != "cpu":
+            made.append(f"torch.tensor({data!r}) on {t.device}")
+        return t
+
+    monkeypatch.setattr(torch, "tensor", tensor)
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_a_training_step_sends_nothing_between_host_and_device(preset: str, monkeypatch) -> None:
+    """Every step of every recipe (augmentation, outliers, model, loss, optimizer, schedule, EMA) on
+    a device other than the CPU: `meta` here, where nothing runs, as CUDA would see it. The losses
+    are read once per block (`_record_block`), which meta cannot do and is left out."""
+    meta = torch.device("meta")
+    monkeypatch.setattr(train, "augment_generator", lambda *args: None)  # meta has no generator of its own
+    blocks: list[int] = []
+    monkeypatch.setattr(train, "_record_block", lambda pending, *args: blocks.append(len(pending)))
+    config = get_preset(preset).with_overrides(batch_size=16, precision="fp32")
+    trainer = train._build_trainer(config, DistContext(), meta, "fp32", epoch_steps=1000)
+    if config.outliers > 0:
+        trainer.outlier_pool = torch.zeros(64, 28, 28, dtype=torch.uint8, device=meta)
+    images = torch.zeros(96, 28, 28, dtype=torch.uint8, device=meta)
+    labels = torch.zeros(96, dtype=torch.long, device=meta)
+    state = train.EpochState(epoch=1, perm=torch.arange(96, device=meta))
+    made: list[str] = []
+    _recording_torch_tensor(monkeypatch, made)
+    with _HostTraffic() as traffic:
+        assert train.train_one_epoch(trainer, images, labels, state)
+    assert state.step == train.steps_per_epoch(96, config) > 2  # the EMA averages from its second update
+    assert sum(blocks) == state.step
+    assert traffic.ops == [] and made == []
+
+
 def test_device_description_names_the_device() -> None:
     assert runtime.device_description(torch.device("cpu")) == "cpu"
 
@@ -117,3 +180,32 @@ def test_ctrl_c_with_block_reads_stops_at_a_block_end_and_resumes_exactly(tmp_pa
     for key, value in reference.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
     assert _untimed(read_metrics(reference.run_dir)) == _untimed(read_metrics(resumed.run_dir))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("written_on", ["cuda", None])  # None: an older checkpoint, told by its CUDA generator state
+def test_a_checkpoint_resumes_only_on_the_kind_of_device_that_wrote_it(written_on: str | None, tmp_path: Path,
+                                                                        tiny_data) -> None:
+    """A GPU's checkpoint holds CUDA generator states and fused-Adam settings: on the CPU they would
+    fail to load or, for fused Adam over channels-last weights, update the wrong moments."""
+    def ctrl_c(event: dict) -> None:
+        if event["event"] == "batch" and event["epoch"] == 1 and event["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        fit(_config(), tmp_path / "run", callbacks=[ctrl_c], data=tiny_data)
+    path = tmp_path / "run" / "checkpoint.safetensors"
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as fh:
+        metadata = fh.metadata()
+    header = json.loads(metadata["digitlab"])
+    assert header["info"]["device_type"] == "cpu"
+    if written_on:
+        header["info"]["device_type"] = written_on
+    else:
+        del header["info"]["device_type"]
+        tensors["rng.cuda.0"] = torch.zeros(16, dtype=torch.uint8)
+        header["payload_sha256"] = hashlib.sha256(save(tensors)).hexdigest()
+    save_file(tensors, str(path), metadata={"digitlab": json.dumps(header)})
+    with pytest.raises(DigitlabError, match="was trained on cuda and resumes only there"):
+        fit(None, resume=tmp_path / "run", data=tiny_data)

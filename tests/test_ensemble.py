@@ -137,15 +137,19 @@ def test_forward_selection_picks_complementary_members_and_stops() -> None:
     assert forward_selection(np.stack([a, perfect, b]), labels, max_picks=10) == [1]
 
 
-def test_greedy_weights_are_fitted_on_the_shared_validation_split(tmp_path: Path, csv_1000: Path) -> None:
+def test_greedy_weights_are_fitted_on_the_shared_validation_split(tmp_path: Path, csv_1000: Path, capsys) -> None:
     from digitlab.ensemble import calibrated_nll, forward_selection, greedy_weights
     from digitlab.errors import DigitlabError
     from digitlab.overlap import validation_data
 
     out = tmp_path / "greedy"
     argv = ["ensemble", "--presets", "fast,quick", "--members", "3", "--data", f"kaggle:{csv_1000}", "--epochs", "1",
-            "--batch-size", "64", "--val-split", "0.2", "--seed", "3", "--weights", "greedy", "--out", str(out)]
+            "--batch-size", "64", "--val-split", "0.2", "--seed", "3", "--weights", "greedy", "--out", str(out),
+            "--quiet"]
     assert main(argv) == 0
+    printed = capsys.readouterr()
+    assert "member 2 (fast, seed 5) started" in printed.err and "member 2 finished" in printed.err
+    assert "epoch" not in printed.err + printed.out  # --quiet: the members' training lines stay out
     manifest = json.loads((out / "ensemble.json").read_text())
     members = [out / m for m in manifest["members"]]
     val = validation_data(members[0])

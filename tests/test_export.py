@@ -108,19 +108,28 @@ def test_load_from_an_onnx_file_alone(exported: Path, tmp_path: Path, mnist_test
     assert (predictor.predict_proba(mnist_test.images[:100]).argmax(1) == mnist_test.labels[:100]).mean() > 0.85
 
 
-def test_fresh_model_onnx_is_used_and_stale_one_ignored(tiny_run: Path, tmp_path: Path) -> None:
+def test_fresh_model_onnx_is_used_and_stale_one_ignored(tiny_run: Path, tmp_path: Path, caplog) -> None:
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     (run / ONNX_FILE).write_bytes(b"not an onnx model")
     weights_time = (run / "model.safetensors").stat().st_mtime
     os.utime(run / ONNX_FILE, (weights_time - 60, weights_time - 60))  # older than the weights: stale
-    predictor = open_predictor(run, backend="onnx")  # exported in memory instead
+    with caplog.at_level("WARNING", logger="digitlab.export"):
+        predictor = open_predictor(run, backend="onnx")  # exported in memory instead
+    assert "is older than the run's weights" in caplog.text  # retrained into the same folder: said, not silent
     assert predictor.predict_proba(np.zeros((1, 28, 28), np.uint8)).shape == (1, 10)
     assert (run / ONNX_FILE).read_bytes() == b"not an onnx model"  # nothing written into the run
     os.utime(run / ONNX_FILE, (weights_time + 60, weights_time + 60))  # newer, but not this run's export
-    predictor = open_predictor(run, backend="onnx")  # no recorded weights sha256: exported again
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="digitlab.export"):
+        predictor = open_predictor(run, backend="onnx")  # not a readable export: exported again
+    assert "not a readable ONNX model" in caplog.text
     assert predictor.predict_proba(np.zeros((1, 28, 28), np.uint8)).shape == (1, 10)
     assert (run / ONNX_FILE).read_bytes() == b"not an onnx model"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="digitlab.export"):
+        open_predictor(tiny_run, backend="onnx")  # no model.onnx at all: nothing to warn about
+    assert caplog.text == ""
 
 
 def test_ensemble_exports_its_mean_probabilities(tiny_run: Path, tmp_path: Path, mnist_test: DigitData) -> None:

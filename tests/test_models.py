@@ -19,6 +19,11 @@ def test_seed2017_summary_matches_keras_table() -> None:
     assert "(None, 32, 26, 26)" in text and "(None, 1024)" in text and "524,800" in text
 
 
+def test_summary_of_a_model_that_lives_on_another_device() -> None:
+    """A model trained on a GPU is summarised there (meta stands in for CUDA: nothing runs)."""
+    assert summary_text(create_model("seed2017").to("meta")) == summary_text(create_model("seed2017"))
+
+
 def test_seed2017_uses_keras_initialisation() -> None:
     model = create_model("seed2017")
     dense = model.classifier[1]
@@ -92,3 +97,15 @@ def test_every_model_exports_to_onnx_with_the_same_outputs(name: str) -> None:
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_summary_command_takes_a_preset_a_model_or_says_what_it_takes(capsys) -> None:
+    from digitlab.cli import main
+
+    assert main(["summary", "quick"]) == 0  # a training preset: its network (the notebook's)
+    out = capsys.readouterr().out
+    assert out.startswith("preset quick: model seed2017") and "Total params: 594,922" in out
+    assert main(["summary", "fast"]) == 0
+    assert main(["summary", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "neither a run folder, a preset (best, fast, fast-long" in err and "nor a model (best" in err

@@ -139,6 +139,22 @@ def test_ensembles_and_their_members(runs_dir, tiny_run):
     assert [r.name for r in list_runs(runs_dir / "stopped")] == ["stopped"]
 
 
+def test_a_folder_grouping_ensembles_lists_them(runs_dir):
+    """`digitlab kaggle --out runs/kaggle` writes runs/kaggle/fold and runs/kaggle/full."""
+    group = runs_dir / "kaggle"
+    shutil.copytree(runs_dir / "ens", group / "fold")
+    shutil.copytree(runs_dir / "half-ens", group / "full")
+    (group / "notes").mkdir()
+    rows = _by_name(list_runs(runs_dir))
+    assert "kaggle" not in rows
+    assert (rows["kaggle/fold"].kind, rows["kaggle/fold"].state) == ("ensemble", "finished")
+    assert rows["kaggle/fold/member-1"].kind == "member"
+    assert (rows["kaggle/full"].kind, rows["kaggle/full"].state) == ("ensemble", "interrupted")
+    assert rows["kaggle/notes"].state == "not a run"
+    assert [r.name for r in list_runs(group)][:2] == ["fold", "fold/member-0"]  # names under the folder given
+    assert rows["photos"].state == "not a run"  # a folder of other things is still one row
+
+
 def test_ensemble_listing_a_missing_member_is_broken(runs_dir):
     manifest = runs_dir / "ens" / ENSEMBLE_FILE
     manifest.write_text(json.dumps({"preset": "quick", "members": ["member-0", "member-7"]}))

@@ -103,8 +103,10 @@ def elastic(images: torch.Tensor, alpha: float, sigma: float, generator: torch.G
     disp = elastic_displacement(b, (h, w), alpha, sigma, generator, images.device)
     identity = torch.eye(2, 3, device=images.device).expand(b, 2, 3)
     grid = F.affine_grid(identity, [b, 1, h, w], align_corners=False)
-    scale = torch.tensor([2.0 / w, 2.0 / h], device=images.device)
-    return F.grid_sample(images, grid + disp * scale, mode="bilinear", padding_mode="zeros", align_corners=False)
+    # pixels -> grid units per axis, as Python numbers: a tensor built from a list would be copied
+    # from host memory every step, and on CUDA that copy waits for the card
+    offset = torch.stack((disp[..., 0] * (2.0 / w), disp[..., 1] * (2.0 / h)), dim=-1)
+    return F.grid_sample(images, grid + offset, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def _chosen(images: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:

@@ -282,7 +282,7 @@ def _add_ensemble(sub: argparse._SubParsersAction) -> None:
 
     ens = sub.add_parser(
         "ensemble",
-        help="train N members of a preset with different seeds into one folder",
+        help="train N members (one preset with different seeds, or mixed --presets) into one folder",
         description="Members go to OUT/member-0 .. member-N-1 (seeds SEED .. SEED+N-1) and OUT/ensemble.json "
         "lists them; evaluate, predict, report and serve accept OUT and average the members' probabilities. "
         "Running the same command again skips finished members and resumes interrupted ones.",
@@ -303,7 +303,7 @@ def _add_ensemble(sub: argparse._SubParsersAction) -> None:
     ens.add_argument("--seed", type=int, default=None, help="seed of the first member (default: the preset's)")
     _add_recipe_flags(ens)
     ens.add_argument("--out", type=Path, required=True, help="ensemble folder")
-    ens.add_argument("--quiet", action="store_true", help="only member start/end lines")
+    ens.add_argument("--quiet", action="store_true", help="only member start/end lines, no training progress")
     ens.set_defaults(handler=_run_ensemble)
 
 
@@ -316,7 +316,7 @@ def _run_ensemble(args: argparse.Namespace) -> int:
     names = _preset_names(args.presets) if args.presets else [args.preset]
     overrides = _recipe_overrides(args)
     recipes = [get_preset(name).with_overrides(**overrides) for name in names]
-    training = TrainingProgress(quiet=args.quiet)
+    training = TrainingProgress()
 
     def show(event: dict) -> None:
         kind = event["event"]
@@ -328,7 +328,7 @@ def _run_ensemble(args: argparse.Namespace) -> int:
         elif kind == "ensemble_start":
             print(f"ensemble of {event['members']} x {','.join(names)} in {event['out']}: {event['todo']} to train, "
                   f"{event['jobs']} at a time", file=sys.stderr)
-        elif not kind.startswith("ensemble"):
+        elif not kind.startswith("ensemble") and not args.quiet:
             training(event)
 
     try:
@@ -409,20 +409,31 @@ def _run_kaggle(args: argparse.Namespace) -> int:
 
 
 def _add_summary(sub: argparse._SubParsersAction) -> None:
-    summary = sub.add_parser("summary", help="Keras-style table of a model's layers and parameters")
-    summary.add_argument("target", help="a model preset name (e.g. seed2017) or a run folder")
+    summary = sub.add_parser(
+        "summary", help="Keras-style table of a model's layers and parameters",
+        description="Layer, output shape and parameters of a training preset's network (e.g. seed2017: 594,922 "
+        "parameters), of a registered model, or of a trained run folder, with the totals.")
+    summary.add_argument("target", help="a training preset (e.g. seed2017, quick, robust), a model name "
+                         "(best, fast, resnet, seed2017) or a run folder")
     summary.set_defaults(handler=_run_summary)
 
 
 def _run_summary(args: argparse.Namespace) -> int:
     from digitlab.checkpoint import load_model
-    from digitlab.models import create_model, summary_text
+    from digitlab.models import create_model, list_models, summary_text
+    from digitlab.presets import get_preset, list_presets
 
     if Path(args.target).is_dir():
         model, meta = load_model(args.target)
         title = f"{args.target}: preset {meta['preset']}, model {meta['model']}"
-    else:
+    elif args.target in list_presets():
+        config = get_preset(args.target)
+        model, title = create_model(config.model, **config.model_args), f"preset {args.target}: model {config.model}"
+    elif args.target in list_models():
         model, title = create_model(args.target), f"model {args.target}"
+    else:
+        raise DigitlabError(f"{args.target!r} is neither a run folder, a preset ({', '.join(list_presets())}) "
+                            f"nor a model ({', '.join(list_models())})")
     print(summary_text(model, title))
     return 0
 
@@ -430,12 +441,15 @@ def _run_summary(args: argparse.Namespace) -> int:
 def _add_augment_preview(sub: argparse._SubParsersAction) -> None:
     from digitlab.presets import list_presets
 
-    preview = sub.add_parser("augment-preview", help="PNG grid of original digits beside augmented copies")
+    preview = sub.add_parser(
+        "augment-preview", help="PNG grid of original digits beside augmented copies",
+        description="One row per digit: the original, then COPIES draws of a preset's training augmentation "
+        "(seed2017's is the notebook's Keras generator, zoom_range=1 included), to see what training shows the net.")
     preview.add_argument("--preset", default="seed2017", help=f"whose augmentation: {', '.join(list_presets())}")
     preview.add_argument("--data", default="mnist:test", help=SOURCE_HELP + " (default: mnist:test)")
-    preview.add_argument("--n", type=_positive_int, default=8, help="how many digits (rows)")
-    preview.add_argument("--copies", type=_positive_int, default=5, help="augmented copies per digit")
-    preview.add_argument("--seed", type=int, default=0, help="augmentation seed")
+    preview.add_argument("--n", type=_positive_int, default=8, help="how many digits (rows; default: 8)")
+    preview.add_argument("--copies", type=_positive_int, default=5, help="augmented copies per digit (default: 5)")
+    preview.add_argument("--seed", type=int, default=0, help="augmentation seed (default: 0)")
     preview.add_argument("--out", type=Path, required=True, help="PNG file to write")
     preview.set_defaults(handler=_run_augment_preview)
 
@@ -500,7 +514,11 @@ def _default_run() -> Path:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    export = sub.add_parser("export", help="write a run as an ONNX model with its preprocessing in the metadata")
+    export = sub.add_parser(
+        "export", help="write a run as an ONNX model with its preprocessing in the metadata",
+        description="Writes RUN_DIR (a run, or an ensemble as one graph averaging its members) as ONNX with the "
+        "input scale, layout, class names and the weights' sha256 in its metadata, then checks ONNX Runtime "
+        "against torch on MNIST test images. predict and serve use RUN_DIR/model.onnx with --backend onnx.")
     _add_run_dir(export)
     export.add_argument("--format", choices=["onnx"], default="onnx", help="output format (default: onnx)")
     export.add_argument("--out", type=Path, default=None, help="file to write (default: RUN_DIR/model.onnx)")
@@ -538,6 +556,9 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     from digitlab.evaluate import calibrate_run
 
     c = calibrate_run(args.run_dir, args.data)
+    if c["seen_left_out"]:
+        print(f"digitlab: {c['seen_left_out']:,} image(s) of {args.data} were in the run's training data and "
+              "were left out", file=sys.stderr)
     print(f"temperature {c['temperature']:.3f} on {c['count']:,} images of {c['source']}: "
           f"NLL {c['nll_before']:.4f} -> {c['nll_after']:.4f}, "
           f"ECE {100 * c['before']['ece']:.2f}% -> {100 * c['after']['ece']:.2f}%; "
@@ -620,7 +641,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("--out", type=Path, default=None,
                          help="file to write (default: stdout; submission.csv for --format kaggle)")
     predict.add_argument("--format", choices=["csv", "json", "kaggle"], default="csv",
-                         help="csv: source,digit,probability,top_k; json: a list of objects; "
+                         help="csv: source,digit,probability,top_k,uncertain,reason; json: a list of objects; "
                          "kaggle: ImageId,Label (default: csv)")
     predict.add_argument("--top-k", type=_positive_int, default=3, metavar="K",
                          help="how many most likely digits to list (default: 3)")

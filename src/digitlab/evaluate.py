@@ -235,6 +235,11 @@ def evaluate_run(
     result.source, result.fingerprint, result.tta, result.seconds = data.source, data.fingerprint, tta, seconds
     result.run = str(path) if isinstance(path, str | Path) else str(run_dir or "")
     notes = [seen.message] if seen.message else []
+    applied = "calibration" in getattr(predictor, "meta", {})
+    fitted_on = _calibration_source(folder) if folder is not None and applied else None
+    if fitted_on == data.source:
+        notes.append(f"the run's temperature was fitted on {data.source} itself (digitlab calibrate --data): "
+                     "confidence and log-loss here are optimistic")
     result.extra = {"members": predictor.members, "precision": predictor.precision,
                     "source_count": len(data), "data_choice": choice, **seen.to_dict(), "notes": notes}
     if held_out:  # the run's own held-out fold: the honest forecast for unseen data of the same kind
@@ -250,6 +255,13 @@ def evaluate_run(
 # ---------------------------------------------------------------- calibrating a run
 
 
+def _calibration_source(run_dir: Path) -> str | None:
+    from digitlab.calibration import load_calibration
+
+    calibration = load_calibration(run_dir)
+    return calibration.get("source") if calibration else None
+
+
 def calibrate_run(run_dir: str | Path, data: str | None = None) -> dict[str, Any]:
     """Fit and store a run's (or ensemble's) temperature on its validation split, or on `data`.
 
@@ -257,13 +269,24 @@ def calibrate_run(run_dir: str | Path, data: str | None = None) -> dict[str, Any
     config (same seed, same fraction), so the temperature never sees the test set.
     """
     from digitlab.data import load_source
-    from digitlab.overlap import validation_data
+    from digitlab.overlap import check_seen, run_train_hashes, validation_data
 
     run_dir = Path(run_dir)
     predictor = load_predictor(run_dir, precision="fp32", calibrated=False)
+    seen_left_out = 0
     if data is not None:
         val = load_source(data)
-        images, labels, source = val.images, val.require_labels("calibration needs labels"), data
+        val.require_labels("calibration needs labels")
+        # a temperature fitted on training images learns the run's over-confidence on them, not on new digits
+        try:
+            seen = check_seen(val, run_train_hashes(run_dir))
+        except DigitlabError:
+            raise DigitlabError(f"{data}: every image was in the run's training data; calibrate on held-out "
+                                "images (default: the run's validation split)") from None
+        seen_left_out = len(val) - len(seen.keep)
+        if seen_left_out:
+            val = val.subset(seen.keep, val.source)
+        images, labels, source = val.images, val.require_labels(), data
     else:
         held_out = validation_data(run_dir)
         if held_out is None:
@@ -271,5 +294,6 @@ def calibrate_run(run_dir: str | Path, data: str | None = None) -> dict[str, Any
                                 "never the test set you report on)")
         images, labels, source = held_out.images, held_out.require_labels(), held_out.source
     calibration = calibrate_probs(predictor.predict_proba(images), labels, source)
+    calibration["seen_left_out"] = seen_left_out
     save_calibration(run_dir, calibration)
     return calibration

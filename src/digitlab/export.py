@@ -284,7 +284,10 @@ def load_onnx_predictor(path: str | Path, batch_size: int = 2048, threads: int |
     meta = load_predictor(path, precision="fp32").meta if is_ensemble(path) else _read_meta(path)
     meta = {**meta, "fingerprint": model_fingerprint(meta), **calibration_meta(path)}
     onnx_path = path / ONNX_FILE
-    if _is_fresh(onnx_path, path) and _exported_from(onnx_path, meta):
+    if onnx_path.is_file() and not _is_fresh(onnx_path, path):
+        # the weights (or an ensemble's member weights in ensemble.json) changed after the export
+        log.warning("%s is older than the run's weights; exporting the run's weights again in memory", onnx_path)
+    elif onnx_path.is_file() and _exported_from(onnx_path, meta):
         log.info("using %s", onnx_path)
         return OnnxPredictor(onnx_session(str(onnx_path), threads), meta, batch_size)
     log.info("exporting %s to ONNX in memory", path)

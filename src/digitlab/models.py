@@ -258,7 +258,9 @@ def layer_table(model: nn.Module) -> list[LayerRow]:
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 1, 28, 28))
+            # a probe on the model's own device: a net trained on a GPU is summarised where it is
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            model(torch.zeros(1, 1, 28, 28, device=device))
     finally:
         for hook in hooks:
             hook.remove()

@@ -312,7 +312,8 @@ class _Report:
 {cards}
 </div></section>
 <section id="samples"><h2>Sample of the evaluated data</h2>
-<p>The first 20 images chosen with seed 0, with their labels.</p>{figure("samples", "sample digits")}</section>
+<p>20 images drawn at random (seed 0), in the order of the data, with their labels.</p>
+{figure("samples", "sample digits")}</section>
 <section id="training"><h2>Training curves</h2>
 {figure("training", "training curves") or "<p>No metrics.jsonl found: no training curves.</p>"}
 {f"<p>Showing {len(self.histories)} of {len(members)} members.</p>" if len(members) > 1 else ""}</section>

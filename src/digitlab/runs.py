@@ -210,16 +210,26 @@ def _is_ensemble(path: Path) -> bool:
     )
 
 
-def _rows_of(path: Path) -> list[RunRow]:
+def _subfolders(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _rows_of(path: Path, name: str, nested: bool = True) -> list[RunRow]:
+    """The rows of one folder: a run, an ensemble (and its members), or, one level down, a folder
+    that groups runs or ensembles (`digitlab kaggle`'s OUT holds fold/ and full/)."""
     try:
         if _is_ensemble(path):
-            return read_ensemble(path, path.name)
+            return read_ensemble(path, name)
         if is_run_folder(path):
-            return [read_run(path, path.name)]
+            return [read_run(path, name)]
+        if nested:
+            inner = [_rows_of(sub, f"{name}/{sub.name}", nested=False) for sub in _subfolders(path)]
+            if any(rows[0].kind != "other" for rows in inner):
+                return [row for rows in inner for row in rows]
     except OSError as exc:  # an unreadable folder (permissions...) is a row too
-        return [RunRow(name=path.name, kind="other", state="broken", path=str(path),
+        return [RunRow(name=name, kind="other", state="broken", path=str(path),
                        problem=f"unreadable ({exc.strerror or exc})")]
-    return [RunRow(name=path.name, kind="other", state="not a run", path=str(path),
+    return [RunRow(name=name, kind="other", state="not a run", path=str(path),
                    problem=f"no {CONFIG_FILE}, {MODEL_META}, {STATE_FILE} or {ENSEMBLE_FILE}")]
 
 
@@ -231,14 +241,10 @@ def list_runs(directory: str | Path = "runs", sort: str = "name", reverse: bool 
         raise DigitlabError(f"unknown column {sort!r} to sort by; choose one of {', '.join(COLUMNS)}")
     if not directory.is_dir():
         raise DigitlabError(f"{directory}: no such folder (runs are written to runs/ by default)")
-    if _is_ensemble(directory):
-        rows = read_ensemble(directory, directory.name)
-    elif is_run_folder(directory):
-        rows = [read_run(directory, directory.name)]
+    if _is_ensemble(directory) or is_run_folder(directory):
+        rows = _rows_of(directory, directory.name)
     else:
-        rows = []
-        for path in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            rows.extend(_rows_of(path))
+        rows = [row for path in _subfolders(directory) for row in _rows_of(path, path.name)]
     present = [r for r in rows if getattr(r, sort) is not None]
     absent = [r for r in rows if getattr(r, sort) is None]
     present.sort(key=lambda r: (_sort_key(getattr(r, sort)), r.name), reverse=reverse)

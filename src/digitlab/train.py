@@ -47,7 +47,6 @@ from digitlab.runtime import (
 log = logging.getLogger(__name__)
 
 Callback = Callable[[dict[str, Any]], None]
-TensorList = tuple[torch.Tensor, ...] | list[torch.Tensor]
 
 
 class TrainingInterrupted(Exception):
@@ -127,23 +126,40 @@ def ema_decay_at(decay: float, updates: int) -> float:
     return min(decay, (1 + updates) / (10 + updates))
 
 
-def build_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
-    if decay <= 0:
-        return None
+class WeightEMA(torch.optim.swa_utils.AveragedModel):
+    """An exponential moving average of the weights and buffers, with `ema_decay_at`'s warm-up.
+
+    Torch's own `update_parameters` copies its CPU counter to the device for every (device, dtype)
+    group of tensors on every step, and on CUDA each such copy waits for the card; this one reads
+    the counter where it lives (the CPU) and sends nothing to the device. Same state dict, same
+    arithmetic as AveragedModel with a lerp `multi_avg_fn`.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        super().__init__(model, use_buffers=True)
+        self.decay = decay
 
     @torch.no_grad()
-    def ema_update(ema_params: TensorList, params: TensorList, num_averaged: torch.Tensor | int) -> None:
-        # the count AveragedModel passes is a copy on the weights' device: reading it would make
-        # every step wait for the GPU, so read its own counter, which lives on the CPU
-        d = ema_decay_at(decay, int(averaged.n_averaged))
-        if torch.is_floating_point(ema_params[0]):
-            torch._foreach_lerp_(ema_params, params, 1.0 - d)
-        else:  # integer buffers (BatchNorm's batch counter), as torch's own EMA treats them
-            for ema_param, param in zip(ema_params, params, strict=True):
-                ema_param.copy_(ema_param * d + param * (1.0 - d))
+    def update_parameters(self, model: nn.Module) -> None:
+        pairs = list(zip([*self.module.parameters(), *self.module.buffers()],
+                         [*model.parameters(), *model.buffers()], strict=True))
+        updates = int(self.n_averaged)
+        if updates == 0:
+            for averaged, current in pairs:
+                averaged.copy_(current)
+        else:
+            d = ema_decay_at(self.decay, updates)
+            floats = [(a, c) for a, c in pairs if torch.is_floating_point(a)]
+            if floats:
+                torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1.0 - d)
+            for averaged, current in pairs:
+                if not torch.is_floating_point(averaged):  # BatchNorm's batch counter, as torch's own EMA treats it
+                    averaged.copy_(averaged * d + current * (1.0 - d))
+        self.n_averaged += 1
 
-    averaged = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
-    return averaged
+
+def build_ema(model: nn.Module, decay: float) -> WeightEMA | None:
+    return WeightEMA(model, decay) if decay > 0 else None
 
 
 # ---------------------------------------------------------------- evaluation
@@ -257,7 +273,7 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: Any | None
     scheduler_per_step: bool
-    ema: torch.optim.swa_utils.AveragedModel | None
+    ema: WeightEMA | None
     config: TrainConfig
     precision: str
     device: torch.device
@@ -451,8 +467,6 @@ def _restore_rng(trainer: Trainer, order_generator: torch.Generator, rng: dict[s
     trainer.augment_generator.set_state(rng[f"augment.{rank}"])
     order_generator.set_state(rng["order"])
     if trainer.device.type == "cuda":
-        if f"cuda.{rank}" not in rng:
-            raise DigitlabError("the checkpoint was written on another kind of device; resume it there")
         torch.cuda.set_rng_state(rng[f"cuda.{rank}"], trainer.device)
 
 
@@ -629,6 +643,12 @@ def _restore(run: _Run) -> None:
     if info.get("world_size", 1) != ctx.world_size:
         raise DigitlabError(f"{run.run_dir}: was trained by {info.get('world_size', 1)} process(es); "
                             f"resume it with the same number, not {ctx.world_size}")
+    # generator states and fused optimizer settings belong to the kind of device that wrote them
+    # (older checkpoints say so only through the CUDA generator's state)
+    written_on = info.get("device_type") or ("cuda" if "rng.cuda.0" in tensors else "cpu")
+    if written_on != run.device.type:
+        raise DigitlabError(f"{run.run_dir}: was trained on {written_on} and resumes only there (its random-number "
+                            f"states and optimizer settings are that device's), not on {run.device.type}")
     rng = ckpt.restore_state(tensors, header, trainer.bare_model, trainer.optimizer, trainer.scheduler)
     extra = ckpt.extra_tensors(tensors)
     if trainer.ema is not None:
@@ -658,7 +678,8 @@ def _save_state(run: _Run, position: dict[str, Any], perm: torch.Tensor | None) 
         extra.update({f"ema.{k}": v for k, v in trainer.ema.state_dict().items()})
     ckpt.save_state(run.run_dir / STATE_FILE, trainer.bare_model, trainer.optimizer, trainer.scheduler, rng,
                     {"position": position, "history": run.history, "data": run.data_info,
-                     "config": run.config.to_dict(), "world_size": run.ctx.world_size}, extra)
+                     "config": run.config.to_dict(), "world_size": run.ctx.world_size,
+                     "device_type": run.device.type}, extra)
 
 
 def _train_epoch(run: _Run, epoch: int, stop: threading.Event) -> None:
