@@ -113,10 +113,18 @@ def test_calibrate_on_a_named_source_leaves_out_training_images(tiny_run: Path, 
         calibrate_run(run, f"kaggle:{seen_only}")
 
 
-def test_corrupt_calibration_file_is_a_clear_error(tmp_path: Path) -> None:
-    (tmp_path / CALIBRATION_FILE).write_text('{"temperature": -1}')
-    with pytest.raises(DigitlabError, match="positive"):
+@pytest.mark.parametrize(("content", "message"), [
+    ('{"temperature": -1}', "temperature -1.0 must be a positive number in 0.05..20"),
+    ('{"temperature": 1e-320}', "temperature 1e-320 must be a positive number"),  # softmax would be NaN
+    ('{"temperature": 1.2, "min_confidence": "abc"}', "corrupt calibration file (ValueError"),
+    ('{"temperature": 1.2, "min_confidence": NaN}', "min_confidence nan must be a probability in [0, 1]"),
+    ('[1, 2]', "corrupt calibration file"),
+])
+def test_corrupt_calibration_file_is_a_clear_error(tmp_path: Path, content: str, message: str) -> None:
+    (tmp_path / CALIBRATION_FILE).write_text(content)
+    with pytest.raises(DigitlabError) as exc:
         load_calibration(tmp_path)
+    assert message in str(exc.value)
 
 
 def test_calibrate_probs_threshold_flags_few_validation_images() -> None:

@@ -62,6 +62,13 @@ def test_parallel_jobs_and_rerun_skips_finished_members(tmp_path: Path, csv_1000
         assert (tmp_path / "ens" / f"member-{i}" / "model.json").is_file()
     assert main(argv) == 0
     assert "0 to train" in capsys.readouterr().err
+    # the same folder asked for another recipe, or a run folder as --out: refused before any training
+    other = [a if a != "fast" else "quick" for a in argv]
+    assert main(other) == 2
+    assert "member-0: was trained with preset 'fast', this command asks for 'quick'" in capsys.readouterr().err
+    run_as_out = [*argv[:-1], str(tmp_path / "ens" / "member-0")]
+    assert main(run_as_out) == 2
+    assert "holds a training run; give the ensemble a folder of its own" in capsys.readouterr().err
 
 
 def test_presets_cycle_and_logloss_weights_reach_every_consumer(tmp_path: Path, csv_1000: Path,

@@ -195,6 +195,10 @@ def test_train_cli_plain_lines_when_not_a_terminal(tmp_path: Path, csv_640: Path
         (["train", "--epochs", "0"], "--epochs: must be at least 1, got 0"),
         (["train", "--epoch-fraction", "1.5"], "epoch fraction must be in (0, 1], got 1.5"),
         (["train", "--resume", "/nonexistent/run"], "/nonexistent/run: no such run folder to resume"),
+        (["train", "--lr", "1e300"], "learning rate must be in (0, 10], got 1e+300"),
+        (["train", "--seed", "-1"], "--seed: must be 0 or more, got -1"),
+        (["train", "--seed", str(2**63)], "--seed: must be at most 9223372036854775807"),
+        (["train", "--out", "/proc/digitlab-run"], "/proc/digitlab-run"),  # cannot be created: one line
     ],
 )
 def test_bad_train_arguments(argv: list[str], message: str, capsys) -> None:
@@ -206,6 +210,51 @@ def test_bad_train_arguments(argv: list[str], message: str, capsys) -> None:
     assert code == 2
     assert message in err
     assert "Traceback" not in err
+
+
+def test_resume_refuses_a_config_edited_since_the_checkpoint(tmp_path: Path, csv_640: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    config = _tiny_config(csv_640, epochs=2)
+
+    def ctrl_c(event: dict) -> None:
+        if event["event"] == "batch" and event["epoch"] == 1 and event["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        fit(config, tmp_path / "run", callbacks=[ctrl_c])
+    path = tmp_path / "run" / "config.json"
+    original = path.read_text()
+    edited = json.loads(original)
+    edited["config"]["epochs"] = 5  # "I want more epochs": not what the checkpoint's schedule was built for
+    path.write_text(json.dumps(edited))
+    with pytest.raises(DigitlabError, match=r"config.json: changed since the checkpoint \(epochs: 2 -> 5\)"):
+        fit(None, resume=tmp_path / "run")
+    path.write_text(original)
+    # a header without the run's position (hand-edited; the checksum covers only the tensors)
+    state = tmp_path / "run" / "checkpoint.safetensors"
+    tensors = load_file(str(state))
+    with safe_open(str(state), framework="pt") as fh:
+        header = json.loads(fh.metadata()["digitlab"])
+    del header["info"]["position"]
+    save_file(tensors, str(state), metadata={"digitlab": json.dumps(header)})
+    with pytest.raises(DigitlabError, match="corrupt checkpoint \\(its header lacks the run's position"):
+        fit(None, resume=tmp_path / "run")
+
+
+def test_a_diverged_loss_stops_training_with_a_clear_error() -> None:
+    from digitlab.train import EpochState, _Pending, _record_block
+
+    state = EpochState(epoch=2, perm=torch.arange(12), step=3)
+    pending = [_Pending(torch.tensor(v), torch.tensor(2), 4, 0.1) for v in (0.7, float("nan"), 0.6)]
+    with pytest.raises(DigitlabError, match=r"training diverged: the loss is nan at epoch 2, step 2; lower the"):
+        _record_block(pending, state, 1.0, 3, 1, None)
+
+
+def test_the_largest_seed_trains(tmp_path: Path, csv_640: Path) -> None:
+    """The augmentation stream is derived from the seed: the derivation must not overflow."""
+    fit(_tiny_config(csv_640, epochs=1).with_overrides(seed=2**63 - 1), tmp_path / "run")
 
 
 def test_unlabelled_data_refused(tmp_path: Path, mnist_train: DigitData, capsys) -> None:

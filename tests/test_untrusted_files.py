@@ -181,7 +181,8 @@ DAMAGE = [
     (lambda m: m.update(model_args=[24, 32]), "model_args must be an object of keyword arguments, got list"),
     (lambda m: m.update(model_args={"widht1": 24}), "model_args 'widht1' not accepted by model 'fast'"),
     (lambda m: m.update(model="nope"), "unknown model 'nope'"),
-    (lambda m: m.update(model_args={"width1": "wide"}), "model_args do not build model 'fast'"),
+    (lambda m: m.update(model_args={"width1": "wide"}), "model 'fast' cannot be built with {'width1': 'wide'}"),
+    (lambda m: m.update(model_args={"width1": -3}), "model 'fast' cannot be built with {'width1': -3}"),
 ]
 
 
@@ -209,6 +210,58 @@ def test_damaged_model_json_is_one_clear_line_everywhere(fast_run: Path, tmp_pat
         assert message in str(exc.value) and "ONNX Runtime" not in str(exc.value), backend
 
 
+@pytest.mark.parametrize(("config", "message"), [
+    ("fast", "config must be an object, got str"),
+    ({"data": 3}, "config data must be a data source string, got 3"),
+    ({"val_split": "0.1"}, "config val_split must be a number in [0, 1), got '0.1'"),
+    ({"seed": "x"}, "config seed must be a whole number >= 0, got 'x'"),
+    ({"split_seed": -4}, "config split_seed must be a whole number >= 0, got -4"),
+])
+def test_damaged_config_in_model_json_is_one_clear_line(fast_run: Path, tmp_path: Path, config, message: str,
+                                                        capsys) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / MODEL_FILE).write_bytes((fast_run / MODEL_FILE).read_bytes())
+    meta = json.loads((fast_run / ckpt.MODEL_META).read_text())
+    (run / ckpt.MODEL_META).write_text(json.dumps({**meta, "config": config}))
+    for argv in (["evaluate", str(run)], ["calibrate", str(run)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "model.json" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(("manifest", "message"), [
+    ({"members": [0, 1]}, "members must be a list of member folder names, got [0, 1]"),
+    ({"members": "member-0"}, "members must be a list of member folder names, got 'member-0'"),
+    ({"members": ["a", "b"], "weights": "abc"}, "weights 'abc' must be 2 non-negative numbers"),
+    ({"members": ["a", "b"], "weights": [[1], [1, 2]]}, "must be 2 non-negative numbers"),
+    ({"members": ["a", "b"], "weights": {"a": 1}}, "must be 2 non-negative numbers"),
+])
+def test_damaged_ensemble_json_is_one_clear_line(fast_run: Path, tmp_path: Path, manifest: dict, message: str,
+                                                 capsys) -> None:
+    import shutil
+
+    ens = tmp_path / "ens"
+    for name in ("a", "b"):
+        shutil.copytree(fast_run, ens / name)
+    (ens / "ensemble.json").write_text(json.dumps({"kind": "ensemble", **manifest}))
+    np.save(tmp_path / "x.npy", np.zeros((1, 28, 28), np.uint8))
+    assert main(["predict", str(ens), str(tmp_path / "x.npy")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+
+
+def test_weights_of_another_model_are_one_line(fast_run: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / MODEL_FILE).write_bytes((fast_run / MODEL_FILE).read_bytes())
+    meta = json.loads((fast_run / ckpt.MODEL_META).read_text())
+    (run / ckpt.MODEL_META).write_text(json.dumps({**meta, "model": "seed2017"}))
+    assert main(["evaluate", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "weights do not fit model 'seed2017'" in err and err.count("\n") == 1, err
+
+
 # ---------------------------------------------------------------- config.json
 
 
@@ -224,11 +277,21 @@ BAD_CONFIGS = [
     ({"ema_decay": 1.0}, "ema_decay must be in [0, 1)"),
     ({"batch_size": True}, "batch_size must be an integer, got True"),
     ({"model_args": [1]}, "model_args must be an object with string keys"),
+    ({"model_args": {"bogus": 1}}, "model_args 'bogus' not accepted by model 'seed2017' (it takes: "),
+    ({"model": "resnet50"}, "unknown model 'resnet50'; choose one of best, fast, resnet, seed2017"),
     ({"val_data": 3}, "val_data must be a string or null"),
     ({"augment": {"fill": "zero"}}, "augment.fill must be one of nearest, constant, got 'zero'"),
     ({"augment": {"rotaton": 10}}, "unknown key 'rotaton'; did you mean 'rotation'?"),
     ({"augment": {"zoom": -0.1}}, "augment.zoom must be in [0, 1]"),
 ]
+
+
+def test_model_args_that_do_not_build_the_model_are_one_line(tmp_path: Path, capsys) -> None:
+    path = _config_file(tmp_path / "config.json", {"model": "resnet", "model_args": {"width": -3}})
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "model 'resnet' cannot be built with {'width': -3}" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
 
 
 def _config_file(path: Path, changes: dict) -> Path:

@@ -23,6 +23,7 @@ ECE_BINS = 15  # Guo et al.'s choice; fewer bins hide miscalibration, more are n
 # validation split (see `confidence_threshold`); this is the fallback for runs never calibrated.
 DEFAULT_MIN_CONFIDENCE = 0.5
 VAL_FLAG_RATE = 0.003  # the share of validation digits the confidence rule may flag (chosen on validation)
+TEMPERATURE_RANGE = (0.05, 20.0)  # where `fit_temperature` searches; a file outside it was not written by it
 
 
 def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -40,10 +41,10 @@ def nll(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
-    """The T in [0.05, 20] minimising validation NLL: golden-section search on log T (NLL is unimodal in it)."""
+    """The T in TEMPERATURE_RANGE minimising validation NLL: golden-section search on log T (NLL is unimodal in it)."""
     if len(labels) == 0:
         raise DigitlabError("calibration needs labelled validation images; got none")
-    lo, hi = np.log(0.05), np.log(20.0)
+    lo, hi = np.log(TEMPERATURE_RANGE[0]), np.log(TEMPERATURE_RANGE[1])
     ratio = (np.sqrt(5) - 1) / 2
     a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
     fa, fb = (nll(apply_temperature(probs, float(np.exp(t))), labels) for t in (a, b))
@@ -111,10 +112,15 @@ def load_calibration(run_dir: str | Path) -> dict[str, Any] | None:
     try:
         calibration = json.loads(path.read_text())
         temperature = float(calibration["temperature"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise DigitlabError(f"{path}: corrupt calibration file ({exc})") from None
-    if not np.isfinite(temperature) or temperature <= 0:
-        raise DigitlabError(f"{path}: temperature {temperature} must be a positive number")
+        min_confidence = float(calibration.get("min_confidence", DEFAULT_MIN_CONFIDENCE))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise DigitlabError(f"{path}: corrupt calibration file ({exc.__class__.__name__}: {exc})") from None
+    # one near 0 or huge turns softmax into NaN or a constant
+    if not (np.isfinite(temperature) and TEMPERATURE_RANGE[0] <= temperature <= TEMPERATURE_RANGE[1]):
+        raise DigitlabError(f"{path}: temperature {temperature} must be a positive number in "
+                            f"{TEMPERATURE_RANGE[0]:g}..{TEMPERATURE_RANGE[1]:g}")
+    if not 0 <= min_confidence <= 1:  # NaN too: it would flag nothing, silently
+        raise DigitlabError(f"{path}: min_confidence {min_confidence} must be a probability in [0, 1]")
     return calibration
 
 

@@ -125,14 +125,13 @@ def load_model(run_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         raise DigitlabError(f"{weights}: checksum does not match {MODEL_META} (corrupt or replaced file)")
     try:
         model = create_model(meta["model"], **meta.get("model_args", {}))
-    except (TypeError, ValueError) as exc:  # an argument of the wrong type or range
-        raise DigitlabError(
-            f"{run_dir / MODEL_META}: model_args do not build model {meta['model']!r} ({exc})"
-        ) from None
+    except (TypeError, DigitlabError) as exc:  # model_args that are not a mapping, or that do not build the model
+        raise DigitlabError(f"{run_dir / MODEL_META}: {exc}") from None
     try:
         model.load_state_dict(load(blob))
-    except (SafetensorError, RuntimeError) as exc:
-        raise DigitlabError(f"{weights}: weights do not fit model {meta['model']!r} ({exc})") from None
+    except (SafetensorError, RuntimeError) as exc:  # torch lists every mismatched tensor: the first line says enough
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise DigitlabError(f"{weights}: weights do not fit model {meta['model']!r} ({first})") from None
     model.eval()
     return model, meta
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
 
-from digitlab.config import DEVICES, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
+from digitlab.config import DEVICES, MAX_SEED, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
 from digitlab.errors import DigitlabError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -31,6 +31,23 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_SEED} (2**63 - 1), got {value}")
     return value
 
 
@@ -54,7 +71,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     show = data_sub.add_parser("show", help="save a grid of sample digits with their labels as PNG")
     show.add_argument("source", nargs="?", default="mnist", help=SOURCE_HELP + " (default: mnist)")
     show.add_argument("--n", type=_positive_int, default=10, help="how many digits (default: 10)")
-    show.add_argument("--seed", type=int, default=None, help="pick random digits with this seed "
+    show.add_argument("--seed", type=_seed, default=None, help="pick random digits with this seed "
                       "(default: the first N)")
     show.add_argument("--out", required=True, type=Path, help="PNG file to write")
     show.set_defaults(handler=_run_data_show)
@@ -217,7 +234,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--schedule", default=None, choices=SCHEDULES,
                        help="learning-rate schedule")
     train.add_argument("--label-smoothing", type=float, default=None, help="label smoothing in [0, 1)")
-    train.add_argument("--seed", type=int, default=None, help="seed for init, split, shuffling and "
+    train.add_argument("--seed", type=_seed, default=None, help="seed for init, split, shuffling and "
                        "augmentation (default: 0)")
     train.add_argument("--device", default=None, choices=DEVICES,
                        help="where to train (default: auto)")
@@ -246,7 +263,7 @@ def _base_config(preset: str | None, config_file: Path | None):
         raise DigitlabError(f"{config_file}: no such file") from None
     except DigitlabError as exc:
         raise DigitlabError(f"{config_file}: {exc}") from None
-    except (ValueError, KeyError, TypeError, OSError) as exc:  # ValueError: bad JSON or not UTF-8
+    except (ValueError, KeyError, TypeError, OSError, RecursionError) as exc:  # bad JSON, not UTF-8, nested 10^5 deep
         raise DigitlabError(f"{config_file}: not a digitlab config ({exc.__class__.__name__}: {exc})") from None
 
 
@@ -300,7 +317,7 @@ def _add_ensemble(sub: argparse._SubParsersAction) -> None:
     ens.add_argument("--members", type=_positive_int, default=5, help="how many members (default: 5)")
     ens.add_argument("--jobs", type=_positive_int, default=1,
                      help="members trained at once in separate processes, splitting the CPU cores (default: 1)")
-    ens.add_argument("--seed", type=int, default=None, help="seed of the first member (default: the preset's)")
+    ens.add_argument("--seed", type=_seed, default=None, help="seed of the first member (default: the preset's)")
     _add_recipe_flags(ens)
     ens.add_argument("--out", type=Path, required=True, help="ensemble folder")
     ens.add_argument("--quiet", action="store_true", help="only member start/end lines, no training progress")
@@ -367,7 +384,7 @@ def _add_kaggle(sub: argparse._SubParsersAction) -> None:
                         help="share of train.csv held out for the forecast, stratified (default: 0.1)")
     kaggle.add_argument("--no-tta", dest="tta", action="store_false", help="no test-time augmentation")
     kaggle.add_argument("--jobs", type=_positive_int, default=1, help="members trained at once (default: 1)")
-    kaggle.add_argument("--seed", type=int, default=0, help="seed of the first member and of the fold (default: 0)")
+    kaggle.add_argument("--seed", type=_seed, default=0, help="seed of the first member and of the fold (default: 0)")
     kaggle.add_argument("--epochs", type=_positive_int, default=None, help="override the recipes' epochs")
     kaggle.add_argument("--out", type=Path, default=Path("runs/kaggle"), help="folder (default: runs/kaggle)")
     kaggle.set_defaults(handler=_run_kaggle)
@@ -425,7 +442,7 @@ def _run_summary(args: argparse.Namespace) -> int:
 
     if Path(args.target).is_dir():
         model, meta = load_model(args.target)
-        title = f"{args.target}: preset {meta['preset']}, model {meta['model']}"
+        title = f"{args.target}: preset {meta.get('preset', '?')}, model {meta['model']}"
     elif args.target in list_presets():
         config = get_preset(args.target)
         model, title = create_model(config.model, **config.model_args), f"preset {args.target}: model {config.model}"
@@ -449,7 +466,7 @@ def _add_augment_preview(sub: argparse._SubParsersAction) -> None:
     preview.add_argument("--data", default="mnist:test", help=SOURCE_HELP + " (default: mnist:test)")
     preview.add_argument("--n", type=_positive_int, default=8, help="how many digits (rows; default: 8)")
     preview.add_argument("--copies", type=_positive_int, default=5, help="augmented copies per digit (default: 5)")
-    preview.add_argument("--seed", type=int, default=0, help="augmentation seed (default: 0)")
+    preview.add_argument("--seed", type=_seed, default=0, help="augmentation seed (default: 0)")
     preview.add_argument("--out", type=Path, required=True, help="PNG file to write")
     preview.set_defaults(handler=_run_augment_preview)
 
@@ -585,7 +602,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--json", action="store_true", help="print JSON (all mistakes) instead of a table")
     evaluate.add_argument("--tta", action="store_true",
                           help="test-time augmentation: average over 1-px shifts and +-8 degree tilts (7x slower)")
-    evaluate.add_argument("--mistakes", type=int, default=20, metavar="N",
+    evaluate.add_argument("--mistakes", type=_non_negative_int, default=20, metavar="N",
                           help="table only: how many mistakes to list (default: 20)")
     evaluate.set_defaults(handler=_run_evaluate)
 
@@ -766,6 +783,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except BrokenPipeError:  # `digitlab ... | head` is not an error
         return 0
+    except OSError as exc:  # an --out that is a file, a folder, unwritable or on a full disk
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"digitlab: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # before training installs its own handler (e.g. while torch imports)
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -17,7 +17,8 @@ SCHEDULES = ("constant", "onecycle", "cosine", "exponential")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 FILLS = ("nearest", "constant")
-_MAX_SEED = 2**63 - 1  # torch.manual_seed's limit for a non-negative seed
+MAX_SEED = 2**63 - 1  # torch.manual_seed's limit for a non-negative seed
+MAX_LR = 10.0  # past this every optimiser here diverges at once (1e300 even overflows the schedule)
 
 
 def _close_names(key: str, valid: list[str]) -> str:
@@ -189,8 +190,8 @@ class TrainConfig:
             raise bad(f"eval_every must be at least 1 (epochs between validation passes), got {self.eval_every}")
         if not 0 <= self.val_split < 1:
             raise bad(f"val split must be in [0, 1), got {self.val_split}")
-        if self.lr <= 0:
-            raise bad(f"learning rate must be positive, got {self.lr}")
+        if not 0 < self.lr <= MAX_LR:
+            raise bad(f"learning rate must be in (0, {MAX_LR:g}], got {self.lr}")
         if not 0 <= self.momentum < 1:
             raise bad(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
@@ -205,10 +206,18 @@ class TrainConfig:
             raise bad(f"outliers must be in [0, 1] (non-digits per batch, as a share of it), got {self.outliers}")
         if self.outlier_weight < 0:
             raise bad(f"outlier_weight must be at least 0, got {self.outlier_weight}")
-        if not 0 <= self.seed <= _MAX_SEED:
-            raise bad(f"seed must be in 0..{_MAX_SEED}, got {self.seed}")
-        if self.split_seed is not None and not 0 <= self.split_seed <= _MAX_SEED:
-            raise bad(f"split_seed must be in 0..{_MAX_SEED} or null, got {self.split_seed}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise bad(f"seed must be in 0..{MAX_SEED}, got {self.seed}")
+        if self.split_seed is not None and not 0 <= self.split_seed <= MAX_SEED:
+            raise bad(f"split_seed must be in 0..{MAX_SEED} or null, got {self.split_seed}")
+        from digitlab.models import list_models, model_parameters  # models import torch: only when validating
+
+        if self.model not in list_models():
+            raise bad(f"unknown model {self.model!r}; choose one of {', '.join(list_models())}")
+        unknown = sorted(set(self.model_args) - set(model_parameters(self.model)))
+        if unknown:
+            raise bad(f"model_args {', '.join(map(repr, unknown))} not accepted by model {self.model!r} "
+                      f"(it takes: {', '.join(model_parameters(self.model)) or 'no arguments'})")
         if self.optimizer not in OPTIMIZERS:
             raise bad(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:

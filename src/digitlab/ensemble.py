@@ -10,6 +10,7 @@ skips finished members and resumes interrupted ones, so nothing is lost.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -31,7 +32,7 @@ from digitlab.checkpoint import (
 )
 from digitlab.config import TrainConfig
 from digitlab.errors import DigitlabError
-from digitlab.rundir import ENSEMBLE_FILE, MEMBER_PREFIX, MODEL_META, STATE_FILE
+from digitlab.rundir import CONFIG_FILE, ENSEMBLE_FILE, MEMBER_PREFIX, MODEL_META, STATE_FILE
 
 if TYPE_CHECKING:
     from digitlab.data import DigitData
@@ -151,6 +152,23 @@ def emitter(callbacks: Iterable[Callable[[dict[str, Any]], None]]) -> Callable[[
     return emit
 
 
+def _check_folder_takes(out_dir: Path, plans: list[MemberPlan], recipes: list[TrainConfig]) -> None:
+    """A rerun finishes the ensemble it started; it must not adopt a run folder or members of another recipe."""
+    if any((out_dir / name).is_file() for name in (CONFIG_FILE, MODEL_META, STATE_FILE)):
+        raise DigitlabError(f"{out_dir}: holds a training run; give the ensemble a folder of its own (--out)")
+    for plan in plans:
+        try:
+            trained = json.loads((plan.run_dir / CONFIG_FILE).read_text())["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not started, or damaged: resuming it says what is wrong
+        wanted = json.loads(json.dumps(recipes[plan.recipe].with_overrides(seed=plan.seed).to_dict()))
+        changed = [k for k in wanted if isinstance(trained, dict) and k in trained and trained[k] != wanted[k]]
+        if changed:
+            k = changed[0]
+            raise DigitlabError(f"{plan.run_dir}: was trained with {k} {trained[k]!r}, this command asks for "
+                                f"{wanted[k]!r}; an ensemble folder finishes the recipe it started: use another --out")
+
+
 def _train_in_process(config: TrainConfig, plan: MemberPlan, callbacks: Iterable[Callable],
                       progress: bool = True) -> None:
     from digitlab.train import fit
@@ -255,6 +273,7 @@ def train_ensemble(
     # (and fit its log-loss weights) without any member having trained on them
     recipes = [r if r.split_seed is not None else r.with_overrides(split_seed=first) for r in recipes]
     plans = plan_members(out_dir, members, first, len(recipes))
+    _check_folder_takes(out_dir, plans, recipes)
     callbacks = list(callbacks)
     emit = emitter(callbacks)
 

@@ -21,6 +21,7 @@ from matplotlib.ticker import MaxNLocator
 
 from digitlab.config import AugmentConfig
 from digitlab.data.dataset import DigitData
+from digitlab.errors import DigitlabError
 
 log = logging.getLogger(__name__)
 
@@ -312,8 +313,16 @@ def figure_rgb(fig: Figure, dpi: int = 100) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
+IMAGE_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg")
+
+
 def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write `fig` to `path`; its suffix picks the format (no suffix: PNG, and `.png` is added)."""
     path = Path(path)
+    if not path.suffix:
+        path = path.with_suffix(".png")  # what matplotlib would write, named so the caller reports it
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise DigitlabError(f"{path}: unknown image format {path.suffix!r}; use one of {', '.join(IMAGE_SUFFIXES)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path

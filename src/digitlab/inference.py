@@ -82,9 +82,13 @@ def member_weights(meta: dict[str, Any], members: int) -> np.ndarray | None:
     weights = meta.get("weights")
     if weights is None:
         return None
-    w = np.asarray(weights, dtype=np.float64)
+    bad = DigitlabError(f"{ENSEMBLE_FILE}: weights {weights!r} must be {members} non-negative numbers")
+    try:
+        w = np.asarray(weights, dtype=np.float64)
+    except (TypeError, ValueError):  # strings, objects, ragged lists
+        raise bad from None
     if w.shape != (members,) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-        raise DigitlabError(f"{ENSEMBLE_FILE}: weights {weights!r} must be {members} non-negative numbers")
+        raise bad
     return w / w.sum()
 
 

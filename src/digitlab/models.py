@@ -40,7 +40,15 @@ def create_model(name: str, **overrides) -> nn.Module:
         factory = _REGISTRY[name]
     except KeyError:
         raise DigitlabError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}") from None
-    return factory(**overrides)
+    unknown = sorted(set(overrides) - set(model_parameters(name)))
+    if unknown:
+        raise DigitlabError(f"model {name!r} has no argument {', '.join(unknown)}; it takes "
+                            f"{', '.join(model_parameters(name)) or 'none'}")
+    try:
+        return factory(**overrides)
+    except (TypeError, ValueError, RuntimeError) as exc:  # a width of the wrong type, negative, or too big to allocate
+        raise DigitlabError(f"model {name!r} cannot be built with {overrides} "
+                            f"({str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__})") from None
 
 
 def model_parameters(name: str) -> list[str]:

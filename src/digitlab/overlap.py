@@ -17,7 +17,7 @@ import numpy as np
 from digitlab.checkpoint import read_model_meta, read_train_hashes
 from digitlab.data import DigitData, load_source, split
 from digitlab.errors import DigitlabError
-from digitlab.rundir import ENSEMBLE_FILE
+from digitlab.rundir import ENSEMBLE_FILE, MODEL_META
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +104,32 @@ def trained_on_mnist(source: str) -> bool:
 
 
 def _run_config(run_dir: Path) -> dict[str, Any]:
+    """The training config in the run's (or first member's) model.json, with the fields this module
+    reads checked: the file may have been edited by hand."""
     members = _ensemble_members(run_dir)
-    meta = read_model_meta(members[0] if members else run_dir)
-    return meta.get("config") or {}
+    folder = members[0] if members else run_dir
+    config = read_model_meta(folder).get("config") or {}
+    problem = _config_problem(config)
+    if problem:
+        raise DigitlabError(f"{folder / MODEL_META}: config {problem}")
+    return config
+
+
+def _config_problem(config: Any) -> str | None:
+    if not isinstance(config, dict):
+        return f"must be an object, got {type(config).__name__}"
+    for key in ("data", "val_data"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            return f"{key} must be a data source string, got {config[key]!r}"
+    fraction = config.get("val_split", 0.0)
+    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, int | float)
+                                 or not 0 <= fraction < 1):
+        return f"val_split must be a number in [0, 1), got {fraction!r}"
+    for key in ("seed", "split_seed"):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            return f"{key} must be a whole number >= 0, got {value!r}"
+    return None
 
 
 def _split_seed(config: dict[str, Any]) -> int:

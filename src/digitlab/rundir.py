@@ -40,6 +40,8 @@ def ensemble_members(path: str | Path) -> list[Path]:
         names = json.loads(manifest.read_text())["members"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise DigitlabError(f"{manifest}: corrupt ensemble manifest ({exc})") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise DigitlabError(f"{manifest}: members must be a list of member folder names, got {names!r}")
     members = [Path(path) / name for name in names]
     if not members:
         raise DigitlabError(f"{manifest}: lists no members")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -404,6 +405,11 @@ def _record_block(pending: list[_Pending], state: EpochState, seconds: float, st
     corrects = torch.stack([p.correct for p in pending]).tolist()
     dt = seconds / len(pending)  # the device ran the block as a whole: share its time evenly
     first_step = state.step - len(pending) + 1
+    bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
+    if bad is not None:  # NaN weights only get worse: stop and say so rather than save a useless model
+        raise DigitlabError(f"training diverged: the loss is {losses[bad]} at epoch {state.epoch}, step "
+                            f"{first_step + bad}; lower the learning rate (--lr). The run folder keeps the "
+                            "checkpoint of the last finished epoch")
     for i, (p, batch_loss, batch_correct) in enumerate(zip(pending, losses, corrects, strict=True)):
         state.loss_sum += batch_loss * p.count
         state.correct += int(batch_correct)
@@ -432,7 +438,7 @@ def _load_training_data(config: TrainConfig) -> tuple[DigitData, DigitData | Non
 def augment_generator(seed: int, rank: int, device: torch.device) -> torch.Generator:
     """The augmentation stream of one rank, on the device its images live on (a CPU generator
     cannot draw CUDA tensors); a different stream per rank, so ranks do not augment alike."""
-    return torch.Generator(device=device).manual_seed(seed * 7919 + 104729 * rank + 1)
+    return torch.Generator(device=device).manual_seed((seed * 7919 + 104729 * rank + 1) % 2**63)  # any valid seed
 
 
 def _build_trainer(config: TrainConfig, ctx: DistContext, device: torch.device, precision: str,
@@ -634,7 +640,8 @@ def _restore(run: _Run) -> None:
     """Load the checkpoint: weights, optimizer, schedule, EMA, RNG streams, history and position."""
     trainer, ctx = run.trainer, run.ctx
     tensors, header = ckpt.load_state(run.run_dir / STATE_FILE)
-    info = header["info"]
+    info = _checkpoint_info(run.run_dir / STATE_FILE, header)
+    _check_config_unchanged(run, info["config"])
     if info["data"]["train_fingerprint"] != run.data_info["train_fingerprint"]:
         raise DigitlabError(
             f"{run.run_dir}: training data changed since the run started (fingerprint "
@@ -664,6 +671,31 @@ def _restore(run: _Run) -> None:
     if ctx.is_main:
         run.metrics.truncate_to(run.start_epoch, pos["step"])
     log.info("resuming %s at epoch %d step %d", run.run_dir, run.start_epoch, pos["step"])
+
+
+def _checkpoint_info(path: Path, header: dict[str, Any]) -> dict[str, Any]:
+    """The header's run information, checked for shape (the checksum covers only the tensors)."""
+    info = header.get("info")
+    shapes = {"config": dict, "position": dict, "history": list, "data": dict}
+    if not isinstance(info, dict) or any(not isinstance(info.get(k), t) for k, t in shapes.items()) \
+            or not isinstance(header.get("optimizer"), dict):
+        raise DigitlabError(f"{path}: corrupt checkpoint (its header lacks the run's position, history, data "
+                            "or optimizer state)")
+    position = info["position"]
+    if not all(isinstance(position.get(k), int) for k in ("epoch", "step")):
+        raise DigitlabError(f"{path}: corrupt checkpoint (position {position!r})")
+    return info
+
+
+def _check_config_unchanged(run: _Run, saved: dict[str, Any]) -> None:
+    """A resumed run repeats the interrupted one: its recipe (config.json) must be the checkpoint's."""
+    current = json.loads(json.dumps(run.config.to_dict()))  # tuples as JSON lists, like the header's
+    changed = [k for k in current if k in saved and saved[k] != current[k]]
+    if changed:
+        diff = "; ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed[:4])
+        raise DigitlabError(f"{run.run_dir / CONFIG_FILE}: changed since the checkpoint ({diff}); a resume "
+                            "continues the run as it started: put those values back, or train a new run "
+                            "(e.g. more --epochs) into another --out")
 
 
 def _save_state(run: _Run, position: dict[str, Any], perm: torch.Tensor | None) -> None:
