@@ -269,6 +269,10 @@ BAD_ROWS = {
     "label 10": (_cell(2, 0, "10"), "line 3: label 10 outside 0..9"),
     "label -1": (_cell(1, 0, "-1"), "line 2: label -1 outside 0..9"),
     "after a blank line": (_blank_line_then_bad_cell, "line 5: pixel2 is 300, outside 0..255"),
+    # Python's int() takes these; pyarrow does not, so the diagnosis must refuse them too
+    "plus sign": (_cell(2, 5, "+5"), "line 3: pixel4 is '+5', expected an integer"),
+    "underscore": (_cell(2, 5, "1_0"), "line 3: pixel4 is '1_0', expected an integer"),
+    "arabic digit": (_cell(2, 0, "\u0663"), "line 3: label is '\u0663', expected an integer"),
 }
 
 
@@ -280,6 +284,21 @@ def test_kaggle_bad_row_names_file_and_line(tmp_path, train_lines, case):
     with pytest.raises(DigitlabError) as excinfo:
         load_kaggle_csv(path)
     assert message(excinfo) == f"{path}: {expected}"
+
+
+def test_kaggle_header_with_spaces_is_read_like_a_clean_one(tmp_path, train_lines):
+    """`label, pixel0, ...` passes the header check; the pixel columns must still be integers."""
+    data = load_kaggle_csv(tmp_path / "good.csv")
+    spaced = [", ".join(train_lines[0].split(",")), *train_lines[1:]]
+    assert load_kaggle_csv(_write_lines(tmp_path / "spaced.csv", spaced)).fingerprint == data.fingerprint
+    for value, expected in (("abc", "pixel4 is 'abc', expected an integer"),
+                            ("3.5", "pixel4 is '3.5', expected an integer")):
+        lines = list(spaced)
+        lines[2] = _set_cell(lines[2], 5, value)
+        path = _write_lines(tmp_path / "bad.csv", lines)
+        with pytest.raises(DigitlabError) as excinfo:
+            load_kaggle_csv(path)
+        assert message(excinfo) == f"{path}: line 3: {expected}"
 
 
 def test_kaggle_bad_pixel_in_test_form(tmp_path):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from digitlab import ensemble, evaluate
 from digitlab.cli import main
 from digitlab.data import DigitData, write_kaggle_csv
 from digitlab.errors import DigitlabError
@@ -54,6 +56,45 @@ def test_bad_holdout_and_missing_files(tmp_path: Path, capsys) -> None:
         fold_recipes([get_preset("fast")], tmp_path / "train.csv", 1.0, 0)
     assert main(["kaggle", str(tmp_path / "nope.csv"), str(tmp_path / "test.csv")]) == 2
     assert "nope.csv: no such file" in capsys.readouterr().err
+
+
+def _never_trains(*args, **kwargs):
+    raise AssertionError("trained before TEST_CSV was checked")
+
+
+def test_bad_test_csv_is_refused_before_any_training(tmp_path: Path, mnist_test: DigitData, monkeypatch,
+                                                     capsys) -> None:
+    monkeypatch.setattr(ensemble, "train_ensemble", _never_trains)
+    train = write_kaggle_csv(tmp_path / "train.csv", mnist_test.subset(np.arange(5)))
+    out = tmp_path / "kaggle"
+    assert main(["kaggle", str(train), str(train), "--out", str(out)]) == 2  # train.csv given twice
+    assert capsys.readouterr().err == \
+        f"digitlab: error: {train}: has a label column, expected pixels only (test.csv form)\n"
+    test = write_kaggle_csv(tmp_path / "test.csv", mnist_test.subset(np.arange(5)), with_labels=False)
+    lines = test.read_text().splitlines()
+    lines[3] = "x" + lines[3]
+    test.write_text("\n".join(lines) + "\n")
+    assert main(["kaggle", str(train), str(test), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.endswith(f"{test}: line 4: pixel0 is 'x0', expected an integer\n")
+    assert not out.exists()
+
+
+def test_test_csv_failing_after_training_shows_why(tmp_path: Path, mnist_test: DigitData, tiny_run: Path,
+                                                   monkeypatch, capsys) -> None:
+    train = write_kaggle_csv(tmp_path / "train.csv", mnist_test.subset(np.arange(5)))
+    test = write_kaggle_csv(tmp_path / "test.csv", mnist_test.subset(np.arange(5)), with_labels=False)
+
+    def train_then_damage_test_csv(recipes, out: Path, *args, **kwargs) -> Path:
+        if out.name == "full":  # test.csv edited while the ensembles trained
+            test.write_text(test.read_text().replace("\n0,", "\n-1,", 1))
+        return tiny_run
+
+    monkeypatch.setattr(ensemble, "train_ensemble", train_then_damage_test_csv)
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda run, tta: SimpleNamespace(
+        extra={"expected_leaderboard": {"accuracy": 0.9, "low95": 0.8, "high95": 0.95, "images": 5}}, source="x"))
+    assert main(["kaggle", str(train), str(test), "--out", str(tmp_path / "kaggle")]) == 2
+    assert capsys.readouterr().err.endswith(f"digitlab: error: {test}: line 2: pixel0 is -1, outside 0..255\n")
+    assert not (tmp_path / "kaggle" / "submission.csv").exists()
 
 
 def test_one_cycle_with_too_few_steps_is_one_clear_error(tmp_path: Path, mnist_train: DigitData) -> None:

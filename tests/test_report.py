@@ -85,6 +85,23 @@ def test_cli_default_out(tiny_run: Path, tmp_path: Path, eval_data: DigitData,
     assert all((run / "report" / name).is_file() for name in FIGURE_FILES.values())
 
 
+def test_metrics_cut_by_a_kill_keep_the_records_before_the_cut(tiny_run: Path, tmp_path: Path,
+                                                               eval_data: DigitData, caplog) -> None:
+    from digitlab.data import write_idx_dir
+    from digitlab.rundir import METRICS_FILE, read_metrics
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    metrics = run / METRICS_FILE
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines)[:-20])  # the last record half written
+    assert read_metrics(run) == [json.loads(line) for line in lines[:-1]]
+    write_idx_dir(tmp_path / "idx", eval_data.subset(np.arange(100)), split="test")
+    assert main(["report", str(run), "--data", f"idx:{tmp_path / 'idx'}:test", "--out",
+                 str(tmp_path / "r.html")]) == 0
+    assert f"{metrics}: line {len(lines)} is cut or corrupt; read the {len(lines) - 1} records before it" \
+        in caplog.text
+
+
 @pytest.mark.slow
 def test_ensemble_report(tiny_run: Path, eval_data: DigitData, tmp_path: Path) -> None:
     ensemble = tmp_path / "ens"

@@ -11,6 +11,8 @@ import json
 import os
 import struct
 import tracemalloc
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from digitlab import checkpoint as ckpt
+from digitlab import predict
 from digitlab.cli import main
 from digitlab.config import AugmentConfig, TrainConfig
 from digitlab.data import DigitData, write_idx_dir, write_kaggle_csv
@@ -106,6 +109,67 @@ def test_idx_with_zero_images_is_one_clear_line(tmp_path: Path, capsys) -> None:
     assert len(errors) == 1 and "holds 0 images" in errors[0]
 
 
+# ---------------------------------------------------------------- .npy
+
+
+def _npy_with_header(shape: tuple[int, ...], descr: str = "|u1", data: bytes = bytes(784)) -> bytes:
+    """A .npy file whose header claims `shape`, followed by `data` (not necessarily that much)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue() + data
+
+
+def test_npy_header_claiming_huge_shape_is_refused_before_allocating(tmp_path: Path) -> None:
+    (tmp_path / "huge.npy").write_bytes(_npy_with_header((2**40, 28, 28)))
+    np.save(tmp_path / "good.npy", np.zeros((2, 28, 28), np.uint8))
+    tracemalloc.start()
+    try:
+        batches, errors, _ = read_inputs([tmp_path / "huge.npy", tmp_path / "good.npy"])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [b.source for b in batches] == [str(tmp_path / "good.npy")]
+    assert errors == [f"{tmp_path / 'huge.npy'}: header says shape [1099511627776, 28, 28] "
+                      "(862,017,116,176,384 bytes of uint8) but only 784 bytes follow "
+                      "(truncated or not written by numpy.save)"]
+    assert peak < 8 << 20
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"just some text, not numpy", "not a .npy file, expected one written by numpy.save (the magic string"),
+    (_npy_with_header((1, 28, 28), "|O"), "holds pickled Python objects, expected numbers in 0..255"),
+    (_npy_with_header((1, 28, 28), "<U1"), "holds values of type <U1, expected numbers in 0..255"),
+    (_npy_with_header((1, 28, 28), "|b1"), "holds values of type bool, expected numbers in 0..255"),
+    (_npy_with_header((2, 1, 28, 28)), "got shape [2, 1, 28, 28] (784 pixels per image), expected (N, 28, 28)"),
+    (_npy_with_header((2, 28, 28)), "header says shape [2, 28, 28] (1,568 bytes of uint8) but only 784"),
+], ids=["text", "objects", "strings", "bool", "4-D", "truncated"])
+def test_bad_npy_header_is_one_line_naming_the_file(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "x.npy"
+    path.write_bytes(content)
+    batches, errors, _ = read_inputs([path])
+    assert not batches and len(errors) == 1 and errors[0].startswith(f"{path}: {message}")
+
+
+def test_an_unforeseen_reading_failure_costs_only_its_input(tmp_path: Path, monkeypatch) -> None:
+    """A decoder's OSError/ValueError/MemoryError is that input's error line; bugs still surface."""
+    np.save(tmp_path / "a.npy", np.zeros((1, 28, 28), np.uint8))
+    np.save(tmp_path / "b.npy", np.zeros((1, 28, 28), np.uint8))
+    real = predict._load_npy
+
+    def failing(path: Path, error: type[Exception] = MemoryError) -> np.ndarray:
+        if path.name == "a.npy":
+            raise error("Unable to allocate 5.0 TiB")
+        return real(path)
+
+    monkeypatch.setattr(predict, "_load_npy", failing)
+    batches, errors, _ = read_inputs([tmp_path / "a.npy", tmp_path / "b.npy"])
+    assert [b.source for b in batches] == [str(tmp_path / "b.npy")]
+    assert errors == [f"{tmp_path / 'a.npy'}: cannot read (MemoryError: Unable to allocate 5.0 TiB)"]
+    monkeypatch.setattr(predict, "_load_npy", lambda path: failing(path, TypeError))
+    with pytest.raises(TypeError):
+        read_inputs([tmp_path / "a.npy", tmp_path / "b.npy"])
+
+
 # ---------------------------------------------------------------- CSV
 
 
@@ -138,6 +202,48 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path: Path) -> None:
     Image.fromarray(pixels).save(tmp_path / "folder" / "1" / "a.png")
     plain = load_image_folder(tmp_path / "folder").images[0]
     assert int(plain.max()) - int(plain.min()) > 100  # clipped, both shades read as 255
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that says width x height (8-bit grey) and holds a few bytes of image data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(100))) + \
+        chunk(b"IEND", b"")
+
+
+def test_image_over_the_pixel_cap_is_refused_before_decoding(tmp_path: Path, capsys) -> None:
+    (tmp_path / "3").mkdir()
+    big = tmp_path / "3" / "big.png"
+    big.write_bytes(_png_header(10000, 10000))  # PIL warns of a decompression bomb at this size
+    Image.new("L", (28, 28)).save(tmp_path / "small.png")
+    expected = (f"{big}: image is 10000x10000 pixels (100.0 megapixels), expected at most "
+                "16.8 megapixels (4096x4096)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning would reach stderr as a traceback-like line
+        batches, errors, _ = read_inputs([big, tmp_path / "small.png"])
+        assert errors == [expected] and len(batches) == 1
+        assert main(["data", "info", f"images:{tmp_path}"]) == 2
+    assert capsys.readouterr().err == f"digitlab: error: {expected}\n"
+
+
+def test_image_mode_pillow_cannot_make_grey_is_one_line_naming_the_file(tmp_path: Path, capsys) -> None:
+    (tmp_path / "3").mkdir()
+    lab = tmp_path / "3" / "lab.tif"
+    Image.new("LAB", (28, 28)).save(lab)
+    Image.new("L", (28, 28)).save(tmp_path / "3" / "ok.png")
+    expected = f"{lab}: Pillow cannot convert its LAB colours to grey, expected a grey, RGB or palette image"
+    batches, errors, _ = read_inputs([lab, tmp_path / "3" / "ok.png"])
+    assert errors == [expected] and len(batches) == 1
+    for reader in (read_grey, load_image_file):
+        with pytest.raises(DigitlabError) as excinfo:
+            reader(lab)
+        assert str(excinfo.value) == expected
+    (tmp_path / "3" / "lab.png").write_bytes(lab.read_bytes())  # the folder loader reads .png files
+    assert main(["data", "info", f"images:{tmp_path}"]) == 2
+    assert capsys.readouterr().err == f"digitlab: error: {tmp_path / '3' / 'lab.png'}{expected[len(str(lab)):]}\n"
 
 
 # ---------------------------------------------------------------- full disk

@@ -61,14 +61,17 @@ def kaggle_recipe(
     progress: bool = True,
 ) -> KaggleResult:
     """Train the fold ensemble and forecast, then the full ensemble and write OUT/submission.csv."""
+    from digitlab.data.kaggle import load_kaggle_csv
     from digitlab.ensemble import emitter, train_ensemble
     from digitlab.evaluate import evaluate_run
     from digitlab.predict import predict_inputs, render, write_output
 
     out = Path(out)
-    for path in (train_csv, test_csv):
-        if not Path(path).is_file():
-            raise DigitlabError(f"{path}: no such file")
+    if not Path(train_csv).is_file():
+        raise DigitlabError(f"{train_csv}: no such file")
+    # Checked before hours of training, not after: a train.csv given as TEST_CSV would
+    # otherwise be predicted into a submission of the wrong length.
+    load_kaggle_csv(test_csv, expect_labels=False)
     callbacks = list(callbacks)
     emit = emitter(callbacks)
 
@@ -89,6 +92,8 @@ def kaggle_recipe(
     full = train_ensemble(full_recipes(recipes, train_csv), out / FULL_DIR, members, jobs=jobs, first_seed=seed,
                           callbacks=callbacks, progress=progress)
     result = predict_inputs(full, [f"kaggle:{test_csv}"], tta=tta)
+    if result.errors:  # test.csv changed since it was checked: say how, not just that it failed
+        raise DigitlabError("; ".join(result.errors))
     text = render(result, "kaggle")  # refuses anything but one readable test.csv
     submission = write_output(text, out / SUBMISSION_FILE)
     return KaggleResult(forecast, submission, len(result.predictions))

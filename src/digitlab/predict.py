@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from digitlab.data.kaggle import load_kaggle_csv
 from digitlab.errors import DigitlabError
 from digitlab.export import open_predictor
 from digitlab.inference import ProbabilityModel, predict_proba
-from digitlab.pixels import as_uint8_images
+from digitlab.pixels import PIXELS, as_uint8_images
 from digitlab.preprocess import load_image_file
 
 log = logging.getLogger(__name__)
@@ -91,15 +92,49 @@ def _as_images(array: np.ndarray, path: Path) -> np.ndarray:
     return images
 
 
+def _check_npy_header(path: Path) -> None:
+    """Refuse a .npy file by its header, before numpy allocates what the header claims
+    (a 60-byte header can ask for terabytes)."""
+    with path.open("rb") as fh:
+        if fh.read(4) == b"PK\x03\x04":
+            raise DigitlabError(f"{path}: an .npz archive, expected one .npy array")
+        fh.seek(0)
+        try:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+            else:  # 3.0 exists only for structured dtypes, which are not pixels either
+                raise DigitlabError(f"{path}: .npy format version {version[0]}.{version[1]}, "
+                                    "expected 1.0 or 2.0 (as numpy.save writes)")
+        except ValueError as exc:
+            raise DigitlabError(f"{path}: not a .npy file, expected one written by numpy.save ({exc})") from None
+        data_bytes = path.stat().st_size - fh.tell()
+    if dtype.hasobject:
+        raise DigitlabError(f"{path}: holds pickled Python objects, expected numbers in 0..255")
+    if dtype.kind not in "iuf":  # the kinds as_uint8_images takes
+        raise DigitlabError(f"{path}: holds values of type {dtype}, expected numbers in 0..255")
+    images = shape in ((PIXELS,), (28, 28)) or (len(shape) == 2 and shape[1] == PIXELS) or (
+        len(shape) == 3 and shape[1:] == (28, 28))
+    if not images:
+        per_image = math.prod(shape[1:]) if len(shape) >= 2 else math.prod(shape)
+        raise DigitlabError(f"{path}: got shape {list(shape)} ({per_image} pixels per image), expected "
+                            f"(N, 28, 28) or (N, {PIXELS})")
+    needed = math.prod(shape) * dtype.itemsize
+    if needed > data_bytes:
+        raise DigitlabError(f"{path}: header says shape {list(shape)} ({needed:,} bytes of {dtype}) but "
+                            f"only {data_bytes:,} bytes follow (truncated or not written by numpy.save)")
+
+
 def _load_npy(path: Path) -> np.ndarray:
     try:
+        _check_npy_header(path)
         array = np.load(path, allow_pickle=False)
-    except ValueError as exc:  # pickled object arrays, bad header
+    except ValueError as exc:  # a header numpy reads differently from read_array_header
         raise DigitlabError(f"{path}: not a plain .npy array ({exc})") from None
     except (OSError, EOFError) as exc:
         raise DigitlabError(f"{path}: cannot read .npy file ({exc})") from None
-    if not isinstance(array, np.ndarray):  # np.load on an .npz gives an archive
-        raise DigitlabError(f"{path}: an .npz archive, expected one .npy array")
     return _as_images(array, path)
 
 
@@ -128,6 +163,13 @@ def read_inputs(inputs: Iterable[str | Path]) -> tuple[list[InputBatch], list[st
             images = load()
         except DigitlabError as exc:
             errors.append(str(exc))
+            return
+        except (OSError, ValueError, EOFError, MemoryError) as exc:
+            # A decoder failing in a way the readers did not foresee: still one input's problem,
+            # and the other inputs are predicted.
+            log.debug("%s: reading failed", source, exc_info=True)
+            detail = f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
+            errors.append(f"{source}: cannot read ({detail})")
             return
         names = [source] if kind == "image" else [f"{source}#{i + 1}" for i in range(len(images))]
         batches.append(InputBatch(source, kind, images, names))

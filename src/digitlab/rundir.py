@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from digitlab.errors import DigitlabError
+
+log = logging.getLogger(__name__)
+_WARNED: set[tuple[Path, int]] = set()  # cut metrics lines already reported (report reads a run twice)
 
 CONFIG_FILE = "config.json"  # the resolved config, versions and data fingerprints, written at the start
 METRICS_FILE = "metrics.jsonl"  # every batch's loss and one record per epoch
@@ -27,7 +31,24 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records: list[dict[str, Any]] = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            # A run killed mid-write leaves a cut last line; what follows a bad line is not to be
+            # trusted either (train.py's MetricsLog.truncate_to drops it the same way on resume).
+            if (path, number) not in _WARNED:
+                _WARNED.add((path, number))
+                log.warning("%s: line %d is cut or corrupt; read the %d records before it", path, number,
+                            len(records))
+            break
+        records.append(record)
+    return records
 
 
 def is_ensemble(path: str | Path) -> bool:

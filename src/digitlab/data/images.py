@@ -6,6 +6,7 @@ MNIST-style preprocessing; this loader only resizes.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,10 @@ from digitlab.data.dataset import DigitData
 from digitlab.errors import DigitlabError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+# Checked from the header before decoding: a 32 KB PNG can say 10000x10000 and decode to
+# gigabytes. 16 megapixels still takes a 12-megapixel phone photo.
+MAX_IMAGE_PIXELS = 4096 * 4096
+_AT_MOST = f"expected at most {MAX_IMAGE_PIXELS / 1e6:.1f} megapixels (4096x4096)"
 
 
 def has_alpha(img: Image.Image) -> bool:
@@ -56,19 +61,38 @@ def flatten_grey(img: Image.Image, matte: int = 255) -> Image.Image:
 
 
 def read_image(path: Path) -> Image.Image:
-    """Open and decode an image file upright (EXIF orientation applied; mode and alpha kept),
-    with a clear error if unreadable."""
+    """Open and decode an image file upright (EXIF orientation applied), with a clear error if
+    unreadable or over MAX_IMAGE_PIXELS. 16-bit grey and transparency are kept (flatten_grey
+    needs them); other modes become "L" here, where a mode Pillow cannot convert (LAB, HSV)
+    is still an error naming the file."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            return upright(img)
+        with warnings.catch_warnings():
+            # MAX_IMAGE_PIXELS refuses those images below; PIL's own warning would only
+            # print a traceback-like line on stderr
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise DigitlabError(
+                        f"{path}: image is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels), "
+                        + _AT_MOST
+                    )
+                img.load()
+                image = upright(img)
     except FileNotFoundError:
         raise DigitlabError(f"{path}: no such file") from None
     except Image.DecompressionBombError as exc:  # not an OSError: PIL's guard against huge images
-        raise DigitlabError(f"{path}: image too large ({exc})") from None
+        raise DigitlabError(f"{path}: image too large ({exc}), {_AT_MOST}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         # PIL reports some damaged files as SyntaxError (a broken PNG chunk) or EOFError
         raise DigitlabError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+    if image.mode in WIDE_GREY_MODES:
+        return image
+    try:
+        return image.convert("RGBA" if has_alpha(image) else "L")
+    except ValueError:
+        raise DigitlabError(f"{path}: Pillow cannot convert its {image.mode} colours to grey, "
+                            "expected a grey, RGB or palette image") from None
 
 
 def read_grey(path: Path) -> Image.Image:

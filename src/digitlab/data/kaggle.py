@@ -7,6 +7,7 @@ the first bad line so the error names it.
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ from digitlab.errors import DigitlabError
 
 PIXEL_COLUMNS = [f"pixel{i}" for i in range(784)]
 TRAIN_HEADER = ["label", *PIXEL_COLUMNS]
+# What pyarrow's int64 parser takes: ASCII digits, an optional minus, spaces/tabs around.
+# Python's int() also takes "+5", "1_0" and non-ASCII digits, which pyarrow refuses.
+_INTEGER = re.compile(r"[ \t]*-?[0-9]+[ \t]*")
 
 
 def _check_header(path: Path, header: list[str]) -> bool:
@@ -82,13 +86,11 @@ def _first_bad_row(
             name = "label" if has_label and col == 0 else PIXEL_COLUMNS[col - has_label]
             if not cell.strip():
                 return DigitlabError(f"{path}: line {line}: {name} is empty, expected an integer")
-            try:
-                # int() accepts what pyarrow's int64 parser accepts (not "3.0", not "1e2")
-                value = int(cell)
-            except ValueError:
+            if not _INTEGER.fullmatch(cell):
                 return DigitlabError(
                     f"{path}: line {line}: {name} is {cell!r}, expected an integer"
                 )
+            value = int(cell)
             if name == "label" and not 0 <= value <= 9:
                 return DigitlabError(f"{path}: line {line}: label {value} outside 0..9")
             if name != "label" and not 0 <= value <= 255:
@@ -118,13 +120,16 @@ def load_kaggle_csv(path: str | Path, expect_labels: bool | None = None) -> Digi
         raise DigitlabError(f"{path}: has no label column, expected a labelled train.csv")
     if expect_labels is False and has_label:
         raise DigitlabError(f"{path}: has a label column, expected pixels only (test.csv form)")
+    names = TRAIN_HEADER if has_label else PIXEL_COLUMNS
     try:
         table = pacsv.read_csv(
             path,
+            # The checked header is replaced by the canonical names: the column types are keyed
+            # on them, and a header written `label, pixel0, ...` would otherwise leave the types
+            # to pyarrow's guess (floats truncated, text columns).
+            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1),
             parse_options=pacsv.ParseOptions(newlines_in_values=False),
-            convert_options=pacsv.ConvertOptions(
-                column_types={name: pa.int64() for name in (TRAIN_HEADER if has_label else PIXEL_COLUMNS)},
-            ),
+            convert_options=pacsv.ConvertOptions(column_types={name: pa.int64() for name in names}),
         )
     except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError):
         raise _diagnose(path, has_label) from None
