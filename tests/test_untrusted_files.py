@@ -229,6 +229,19 @@ def test_image_over_the_pixel_cap_is_refused_before_decoding(tmp_path: Path, cap
     assert capsys.readouterr().err == f"digitlab: error: {expected}\n"
 
 
+def test_a_phone_photo_over_the_cap_is_decoded_smaller_not_refused(tmp_path: Path) -> None:
+    """A 48-megapixel JPEG (what phones write) is decoded at 1/2 scale; a PNG that size is refused."""
+    from PIL import ImageDraw
+
+    photo = Image.new("L", (8000, 6000), 235)  # light paper
+    ImageDraw.Draw(photo).line([(4000, 1500), (4000, 4500)], fill=20, width=400)  # a dark "1"
+    photo.save(tmp_path / "photo.jpg", quality=80)
+    image = read_grey(tmp_path / "photo.jpg")
+    assert image.size == (4000, 3000)
+    batches, errors, _ = read_inputs([tmp_path / "photo.jpg"])
+    assert errors == [] and len(batches) == 1
+
+
 def test_image_mode_pillow_cannot_make_grey_is_one_line_naming_the_file(tmp_path: Path, capsys) -> None:
     (tmp_path / "3").mkdir()
     lab = tmp_path / "3" / "lab.tif"

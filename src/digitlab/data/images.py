@@ -17,7 +17,7 @@ from digitlab.errors import DigitlabError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 # Checked from the header before decoding: a 32 KB PNG can say 10000x10000 and decode to
-# gigabytes. 16 megapixels still takes a 12-megapixel phone photo.
+# gigabytes. JPEGs (phone photos) larger than this are decoded at 1/2-1/8 scale instead.
 MAX_IMAGE_PIXELS = 4096 * 4096
 _AT_MOST = f"expected at most {MAX_IMAGE_PIXELS / 1e6:.1f} megapixels (4096x4096)"
 
@@ -60,6 +60,19 @@ def flatten_grey(img: Image.Image, matte: int = 255) -> Image.Image:
     return img.convert("L")
 
 
+def reduce_while_decoding(image: Image.Image, max_pixels: int) -> None:
+    """Ask a JPEG decoder for 1/2, 1/4 or 1/8 scale, the least reduction that fits `max_pixels`.
+
+    Pillow's draft() picks the largest reduction whose size is still at least the one asked for,
+    so asking for width // d x height // d gives exactly 1/d; nothing happens for other formats.
+    """
+    width, height = image.size
+    if image.format != "JPEG" or width * height <= max_pixels:
+        return
+    factor = next((d for d in (2, 4, 8) if (width // d) * (height // d) <= max_pixels), 8)
+    image.draft(image.mode, (max(1, width // factor), max(1, height // factor)))
+
+
 def read_image(path: Path) -> Image.Image:
     """Open and decode an image file upright (EXIF orientation applied), with a clear error if
     unreadable or over MAX_IMAGE_PIXELS. 16-bit grey and transparency are kept (flatten_grey
@@ -72,7 +85,8 @@ def read_image(path: Path) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 width, height = img.size
-                if width * height > MAX_IMAGE_PIXELS:
+                reduce_while_decoding(img, MAX_IMAGE_PIXELS)  # a 48-megapixel phone photo decodes at 1/2 or 1/4
+                if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:
                     raise DigitlabError(
                         f"{path}: image is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels), "
                         + _AT_MOST

@@ -37,7 +37,7 @@ from starlette.requests import ClientDisconnect
 
 from digitlab.abstain import abstain_reasons, min_confidence
 from digitlab.calibration import DEFAULT_MIN_CONFIDENCE
-from digitlab.data.images import upright
+from digitlab.data.images import reduce_while_decoding, upright
 from digitlab.errors import DigitlabError
 from digitlab.pixels import PIXELS, as_uint8_images
 from digitlab.serve.docs import add_offline_docs
@@ -248,7 +248,7 @@ def decode_upload(data: bytes, limits: Limits) -> Image.Image:
             if max(width, height) > limits.max_side:
                 raise ApiError(413, f"image is {width}x{height} pixels; the limit is {limits.max_side} "
                                "pixels per side")
-            _reduce_while_decoding(image, limits.max_pixels)
+            reduce_while_decoding(image, limits.max_pixels)
             if image.size[0] * image.size[1] > limits.max_pixels:
                 raise ApiError(413, f"image is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels); "
                                f"the limit is {limits.max_pixels / 1e6:.1f} megapixels")
@@ -299,19 +299,6 @@ def trim_heap() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
-
-
-def _reduce_while_decoding(image: Image.Image, max_pixels: int) -> None:
-    """Ask a JPEG decoder for 1/2, 1/4 or 1/8 scale, the least reduction that fits `max_pixels`.
-
-    Pillow's draft() picks the largest reduction whose size is still at least the one asked for,
-    so asking for width // d x height // d gives exactly 1/d; nothing happens for other formats.
-    """
-    width, height = image.size
-    if image.format != "JPEG" or width * height <= max_pixels:
-        return
-    factor = next((d for d in (2, 4, 8) if (width // d) * (height // d) <= max_pixels), 8)
-    image.draft(image.mode, (max(1, width // factor), max(1, height // factor)))
 
 
 def parse_json_images(body: bytes, limits: Limits) -> tuple[np.ndarray, bool]:
