@@ -302,6 +302,10 @@ DAMAGE = [
     (lambda m: m.update(model="nope"), "unknown model 'nope'"),
     (lambda m: m.update(model_args={"width1": "wide"}), "model 'fast' cannot be built with {'width1': 'wide'}"),
     (lambda m: m.update(model_args={"width1": -3}), "model 'fast' cannot be built with {'width1': -3}"),
+    (lambda m: m.update(input={"scale": 1.0, "mean": 0.0, "std": 1.0}), "input must be {'scale': 0.00392"),
+    (lambda m: m.update(input="raw"), "input must be {'scale'"),
+    (lambda m: m.update(class_names=["a"]), "class_names must be a list of 10 names, got ['a']"),
+    (lambda m: m.update(data="mnist"), "data must be an object, got str"),
 ]
 
 

@@ -107,6 +107,24 @@ def _check_model_meta(meta: Any, path: Path) -> None:
             f"{path}: model_args {', '.join(map(repr, unknown))} not accepted by model {name!r} "
             f"(it takes: {', '.join(accepted) or 'no arguments'})"
         )
+    _check_input_meta(meta, path)
+
+
+def _check_input_meta(meta: dict[str, Any], path: Path) -> None:
+    """The blocks consumers read besides the model: torch always feeds pixel / 255, so an `input`
+    block saying otherwise would make the ONNX export (which reads it) disagree with torch."""
+    norm = meta.get("input", INPUT_NORMALISATION)
+    if not isinstance(norm, dict) or any(
+            not isinstance(norm.get(k), int | float) or abs(norm[k] - v) > 1e-12
+            for k, v in INPUT_NORMALISATION.items() if k != "polarity"):
+        raise DigitlabError(f"{path}: input must be {INPUT_NORMALISATION} (what every digitlab model is fed), "
+                            f"got {norm!r}")
+    names = meta.get("class_names", CLASS_NAMES)
+    if not (isinstance(names, list) and len(names) == 10 and all(isinstance(n, str) for n in names)):
+        raise DigitlabError(f"{path}: class_names must be a list of 10 names, got {names!r}")
+    for key in ("data", "metrics"):
+        if not isinstance(meta.get(key, {}), dict):
+            raise DigitlabError(f"{path}: {key} must be an object, got {type(meta[key]).__name__}")
 
 
 def load_model(run_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
