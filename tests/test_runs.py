@@ -3,6 +3,7 @@ ensembles and broken or foreign folders, listed side by side."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -155,6 +156,17 @@ def test_a_folder_grouping_ensembles_lists_them(runs_dir):
     assert rows["photos"].state == "not a run"  # a folder of other things is still one row
 
 
+def test_a_run_whose_weights_are_cut_short_or_missing_is_broken(runs_dir):
+    weights = runs_dir / "tiny" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    row = _by_name(list_runs(runs_dir))["tiny"]
+    assert (row.state, row.problem) == ("broken", "model.safetensors: does not match the sha256 in model.json "
+                                                  "(cut short or replaced)")
+    weights.unlink()
+    assert _by_name(list_runs(runs_dir))["tiny"].problem == "model.safetensors: missing"
+    assert _by_name(list_runs(runs_dir))["ens"].state == "finished"  # its members are intact copies
+
+
 def test_ensemble_listing_a_missing_member_is_broken(runs_dir):
     manifest = runs_dir / "ens" / ENSEMBLE_FILE
     manifest.write_text(json.dumps({"preset": "quick", "members": ["member-0", "member-7"]}))
@@ -220,7 +232,9 @@ def test_wrong_types_in_the_json_files_never_crash(tmp_path):
         (member / "config.json").write_text(json.dumps({
             "config": {"preset": 5, "epochs": "3", "data": ["x"]},
             "data": {"train_fingerprint": [i], "train_source": {"a": 1}}, "started": started}))
-        (member / "model.json").write_text(json.dumps({"metrics": "x", "preset": None, "train_seconds": "1"}))
+        (member / "model.safetensors").write_bytes(b"weights")
+        (member / "model.json").write_text(json.dumps({"metrics": "x", "preset": None, "train_seconds": "1",
+                                                       "weights_sha256": hashlib.sha256(b"weights").hexdigest()}))
     rows = _by_name(list_runs(tmp_path))
     assert rows["odd-ens"].state == "interrupted"  # no ensemble.json yet: the command did not end
     assert rows["odd-ens"].started == "2026-01-01T00:00:00"

@@ -6,6 +6,7 @@ is quick and a damaged or foreign folder becomes a row that says so instead of a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from digitlab.errors import DigitlabError
-from digitlab.rundir import CONFIG_FILE, ENSEMBLE_FILE, MEMBER_PREFIX, MODEL_META, STATE_FILE
+from digitlab.rundir import CONFIG_FILE, ENSEMBLE_FILE, MEMBER_PREFIX, MODEL_FILE, MODEL_META, STATE_FILE
 
 
 @dataclass
@@ -110,6 +111,20 @@ def _fill_config(row: RunRow, record: dict[str, Any]) -> None:
     row.started = _str(record.get("started"))
 
 
+def _check_weights(path: Path, meta: dict[str, Any]) -> None:
+    """A finished run is one whose weights are there and are the ones model.json names (a copy cut
+    short or replaced is broken). Hashing a few MB per run keeps the table quick."""
+    weights = path / MODEL_FILE
+    if not weights.is_file():
+        raise DigitlabError(f"{MODEL_FILE}: missing")
+    digest = hashlib.sha256()
+    with weights.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != meta.get("weights_sha256"):
+        raise DigitlabError(f"{MODEL_FILE}: does not match the sha256 in {MODEL_META} (cut short or replaced)")
+
+
 def _fill_run(row: RunRow, path: Path) -> None:
     config_file = _read_json(path / CONFIG_FILE) or {}
     _fill_config(row, config_file)  # first: a damaged model.json still shows the recipe
@@ -118,6 +133,7 @@ def _fill_run(row: RunRow, path: Path) -> None:
         _fill_config(row, meta)
     if meta is not None:
         metrics = _dict(meta.get("metrics"))
+        _check_weights(path, meta)
         row.state = "finished"
         row.preset = _str(meta.get("preset")) or row.preset
         row.model = _str(meta.get("model")) or row.model
