@@ -62,6 +62,14 @@ def test_parallel_jobs_and_rerun_skips_finished_members(tmp_path: Path, csv_1000
         assert (tmp_path / "ens" / f"member-{i}" / "model.json").is_file()
     assert main(argv) == 0
     assert "0 to train" in capsys.readouterr().err
+    # members written before the photometric augmentation fields existed are still this recipe's
+    member_config = tmp_path / "ens" / "member-1" / "config.json"
+    recorded = json.loads(member_config.read_text())
+    for key in ("thickness", "blur", "low_resolution", "noise", "background"):
+        del recorded["config"]["augment"][key]
+    member_config.write_text(json.dumps(recorded))
+    assert main(argv) == 0
+    assert "0 to train" in capsys.readouterr().err
     # the same folder asked for another recipe, or a run folder as --out: refused before any training
     other = [a if a != "fast" else "quick" for a in argv]
     assert main(other) == 2

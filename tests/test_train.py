@@ -224,6 +224,17 @@ def test_resume_refuses_a_config_edited_since_the_checkpoint(tmp_path: Path, csv
 
     with pytest.raises(TrainingInterrupted):
         fit(config, tmp_path / "run", callbacks=[ctrl_c])
+    # a checkpoint written before the photometric augmentation fields existed still resumes
+    import shutil
+
+    shutil.copytree(tmp_path / "run", tmp_path / "older")
+    older = tmp_path / "older" / "checkpoint.safetensors"
+    with safe_open(str(older), framework="pt") as fh:
+        header = json.loads(fh.metadata()["digitlab"])
+    for key in ("thickness", "blur", "low_resolution", "noise", "background"):
+        del header["info"]["config"]["augment"][key]
+    save_file(load_file(str(older)), str(older), metadata={"digitlab": json.dumps(header)})
+    assert fit(None, resume=tmp_path / "older").final["epoch"] == 2
     path = tmp_path / "run" / "config.json"
     original = path.read_text()
     edited = json.loads(original)
@@ -248,7 +259,7 @@ def test_a_diverged_loss_stops_training_with_a_clear_error() -> None:
 
     state = EpochState(epoch=2, perm=torch.arange(12), step=3)
     pending = [_Pending(torch.tensor(v), torch.tensor(2), 4, 0.1) for v in (0.7, float("nan"), 0.6)]
-    with pytest.raises(DigitlabError, match=r"training diverged: the loss is nan at epoch 2, step 2; lower the"):
+    with pytest.raises(DigitlabError, match=r"diverged: the loss is nan at epoch 2, step 2; train again with a lower"):
         _record_block(pending, state, 1.0, 3, 1, None)
 
 

@@ -782,6 +782,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `digitlab ... | head` is not an error
         return 0
     except OSError as exc:  # an --out that is a file, a folder, unwritable or on a full disk
+        logging.getLogger("digitlab").info("where it came from", exc_info=True)  # -v: the traceback too
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"digitlab: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2

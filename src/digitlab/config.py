@@ -250,6 +250,15 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @staticmethod
+    def comparable(recorded: dict[str, Any]) -> dict[str, Any]:
+        """A config dict as recorded by an older digitlab, with the augmentation fields added since
+        filled in with their defaults (off), so it compares equal to the same recipe read today."""
+        augment = recorded.get("augment")
+        if not isinstance(augment, dict):
+            return recorded
+        return {**recorded, "augment": {**AugmentConfig().to_dict(), **augment}}
+
     @classmethod
     def from_dict(cls, data: Any) -> TrainConfig:
         """The config a JSON object describes; unknown keys are refused (a typo must not pass silently).

@@ -162,6 +162,8 @@ def _check_folder_takes(out_dir: Path, plans: list[MemberPlan], recipes: list[Tr
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not started, or damaged: resuming it says what is wrong
         wanted = json.loads(json.dumps(recipes[plan.recipe].with_overrides(seed=plan.seed).to_dict()))
+        if isinstance(trained, dict):  # a member of an older digitlab lacks the fields added since
+            trained = TrainConfig.comparable(trained)
         changed = [k for k in wanted if isinstance(trained, dict) and k in trained and trained[k] != wanted[k]]
         if changed:
             k = changed[0]

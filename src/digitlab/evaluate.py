@@ -278,8 +278,9 @@ def calibrate_run(run_dir: str | Path, data: str | None = None) -> dict[str, Any
         val = load_source(data)
         val.require_labels("calibration needs labels")
         # a temperature fitted on training images learns the run's over-confidence on them, not on new digits
+        hashes = run_train_hashes(run_dir)
         try:
-            seen = check_seen(val, run_train_hashes(run_dir))
+            seen = check_seen(val, hashes)
         except DigitlabError:
             raise DigitlabError(f"{data}: every image was in the run's training data; calibrate on held-out "
                                 "images (default: the run's validation split)") from None

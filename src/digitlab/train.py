@@ -408,8 +408,8 @@ def _record_block(pending: list[_Pending], state: EpochState, seconds: float, st
     bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
     if bad is not None:  # NaN weights only get worse: stop and say so rather than save a useless model
         raise DigitlabError(f"training diverged: the loss is {losses[bad]} at epoch {state.epoch}, step "
-                            f"{first_step + bad}; lower the learning rate (--lr). The run folder keeps the "
-                            "checkpoint of the last finished epoch")
+                            f"{first_step + bad}; train again with a lower learning rate (--lr) into a new --out "
+                            "(a resume would repeat the same steps)")
     for i, (p, batch_loss, batch_correct) in enumerate(zip(pending, losses, corrects, strict=True)):
         state.loss_sum += batch_loss * p.count
         state.correct += int(batch_correct)
@@ -438,7 +438,8 @@ def _load_training_data(config: TrainConfig) -> tuple[DigitData, DigitData | Non
 def augment_generator(seed: int, rank: int, device: torch.device) -> torch.Generator:
     """The augmentation stream of one rank, on the device its images live on (a CPU generator
     cannot draw CUDA tensors); a different stream per rank, so ranks do not augment alike."""
-    return torch.Generator(device=device).manual_seed((seed * 7919 + 104729 * rank + 1) % 2**63)  # any valid seed
+    derived = (seed * 7919 + 104729 * rank + 1) % 2**64  # torch's seed range; unchanged for any seed below it
+    return torch.Generator(device=device).manual_seed(derived)
 
 
 def _build_trainer(config: TrainConfig, ctx: DistContext, device: torch.device, precision: str,
@@ -651,8 +652,9 @@ def _restore(run: _Run) -> None:
         raise DigitlabError(f"{run.run_dir}: was trained by {info.get('world_size', 1)} process(es); "
                             f"resume it with the same number, not {ctx.world_size}")
     # generator states and fused optimizer settings belong to the kind of device that wrote them
-    # (older checkpoints say so only through the CUDA generator's state)
-    written_on = info.get("device_type") or ("cuda" if "rng.cuda.0" in tensors else "cpu")
+    # (older checkpoints tell only CUDA from the rest, through the CUDA generator's state)
+    written_on = info.get("device_type") or (
+        "cuda" if "rng.cuda.0" in tensors else ("cpu" if run.device.type == "cuda" else run.device.type))
     if written_on != run.device.type:
         raise DigitlabError(f"{run.run_dir}: was trained on {written_on} and resumes only there (its random-number "
                             f"states and optimizer settings are that device's), not on {run.device.type}")
@@ -690,6 +692,8 @@ def _checkpoint_info(path: Path, header: dict[str, Any]) -> dict[str, Any]:
 def _check_config_unchanged(run: _Run, saved: dict[str, Any]) -> None:
     """A resumed run repeats the interrupted one: its recipe (config.json) must be the checkpoint's."""
     current = json.loads(json.dumps(run.config.to_dict()))  # tuples as JSON lists, like the header's
+    # a key the header lacks is a field added since it was written; the augmentation's new fields likewise
+    saved = TrainConfig.comparable(saved)
     changed = [k for k in current if k in saved and saved[k] != current[k]]
     if changed:
         diff = "; ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed[:4])
