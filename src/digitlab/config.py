@@ -6,6 +6,7 @@ Kept free of torch so the CLI can list presets and parse flags instantly.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, get_type_hints
@@ -250,14 +251,17 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @staticmethod
-    def comparable(recorded: dict[str, Any]) -> dict[str, Any]:
-        """A config dict as recorded by an older digitlab, with the augmentation fields added since
-        filled in with their defaults (off), so it compares equal to the same recipe read today."""
-        augment = recorded.get("augment")
-        if not isinstance(augment, dict):
-            return recorded
-        return {**recorded, "augment": {**AugmentConfig().to_dict(), **augment}}
+    def changes_from(self, recorded: Any) -> list[tuple[str, Any, Any]]:
+        """(field, recorded value, this config's value) for every field in which a recorded config
+        (a checkpoint's, a run folder's config.json) differs from this one. A field the record
+        lacks was added to digitlab since it was written and is not a change; so are the
+        augmentation's fields added since (off by default)."""
+        if not isinstance(recorded, dict):
+            return []
+        current = json.loads(json.dumps(self.to_dict()))  # tuples as JSON lists, as records hold them
+        if isinstance(recorded.get("augment"), dict):
+            recorded = {**recorded, "augment": {**AugmentConfig().to_dict(), **recorded["augment"]}}
+        return [(k, recorded[k], v) for k, v in current.items() if k in recorded and recorded[k] != v]
 
     @classmethod
     def from_dict(cls, data: Any) -> TrainConfig:

@@ -161,14 +161,11 @@ def _check_folder_takes(out_dir: Path, plans: list[MemberPlan], recipes: list[Tr
             trained = json.loads((plan.run_dir / CONFIG_FILE).read_text())["config"]
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not started, or damaged: resuming it says what is wrong
-        wanted = json.loads(json.dumps(recipes[plan.recipe].with_overrides(seed=plan.seed).to_dict()))
-        if isinstance(trained, dict):  # a member of an older digitlab lacks the fields added since
-            trained = TrainConfig.comparable(trained)
-        changed = [k for k in wanted if isinstance(trained, dict) and k in trained and trained[k] != wanted[k]]
+        changed = recipes[plan.recipe].with_overrides(seed=plan.seed).changes_from(trained)
         if changed:
-            k = changed[0]
-            raise DigitlabError(f"{plan.run_dir}: was trained with {k} {trained[k]!r}, this command asks for "
-                                f"{wanted[k]!r}; an ensemble folder finishes the recipe it started: use another --out")
+            k, was, wanted = changed[0]
+            raise DigitlabError(f"{plan.run_dir}: was trained with {k} {was!r}, this command asks for "
+                                f"{wanted!r}; an ensemble folder finishes the recipe it started: use another --out")
 
 
 def _train_in_process(config: TrainConfig, plan: MemberPlan, callbacks: Iterable[Callable],

@@ -691,12 +691,9 @@ def _checkpoint_info(path: Path, header: dict[str, Any]) -> dict[str, Any]:
 
 def _check_config_unchanged(run: _Run, saved: dict[str, Any]) -> None:
     """A resumed run repeats the interrupted one: its recipe (config.json) must be the checkpoint's."""
-    current = json.loads(json.dumps(run.config.to_dict()))  # tuples as JSON lists, like the header's
-    # a key the header lacks is a field added since it was written; the augmentation's new fields likewise
-    saved = TrainConfig.comparable(saved)
-    changed = [k for k in current if k in saved and saved[k] != current[k]]
+    changed = run.config.changes_from(saved)
     if changed:
-        diff = "; ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed[:4])
+        diff = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed[:4])
         raise DigitlabError(f"{run.run_dir / CONFIG_FILE}: changed since the checkpoint ({diff}); a resume "
                             "continues the run as it started: put those values back, or train a new run "
                             "(e.g. more --epochs) into another --out")
