@@ -167,7 +167,7 @@ def test_idx_missing_file_and_folder(tmp_path):
     assert message(excinfo) == f"{tmp_path}: no train-labels-idx1-ubyte or train-labels-idx1-ubyte.gz file"
     with pytest.raises(DigitlabError) as excinfo:
         load_idx_dir(tmp_path / "nope")
-    assert message(excinfo) == f"{tmp_path / 'nope'}: no such directory"
+    assert message(excinfo) == f"{tmp_path / 'nope'}: no such folder (expected a folder holding the IDX files)"
     with pytest.raises(DigitlabError, match="idx split must be 'train' or 'test', got 'val'"):
         load_idx_dir(tmp_path, "val")
 
@@ -386,7 +386,8 @@ def test_kaggle_expect_labels(tmp_path, train_lines):
 def test_kaggle_missing_file(tmp_path):
     with pytest.raises(DigitlabError) as excinfo:
         load_kaggle_csv(tmp_path / "train.csv")
-    assert message(excinfo) == f"{tmp_path / 'train.csv'}: no such file"
+    assert message(excinfo) == (f"{tmp_path / 'train.csv'}: no such file "
+                                "(expected a Kaggle CSV file (train.csv or test.csv))")
 
 
 # ---------------------------------------------------------------- source strings
@@ -410,14 +411,24 @@ def test_source_without_path(spec, form):
 
 
 @pytest.mark.parametrize(
-    ("kind", "expected"),
-    [("idx", "no such directory"), ("kaggle", "no such file"), ("images", "no such directory")],
+    ("kind", "expected", "other_kind"),
+    [("idx", "a folder holding the IDX files", "a file"), ("kaggle", "a Kaggle CSV file", "a folder"),
+     ("images", "a folder of images in class sub-folders", "a file")],
 )
-def test_source_with_missing_path(tmp_path, kind, expected):
+def test_source_with_missing_path_or_the_wrong_kind(tmp_path, kind, expected, other_kind):
     missing = tmp_path / "missing"
     with pytest.raises(DigitlabError) as excinfo:
         load_source(f"{kind}:{missing}")
-    assert message(excinfo) == f"{missing}: {expected}"
+    assert message(excinfo).startswith(f"{missing}: no such {'file' if kind == 'kaggle' else 'folder'} "
+                                       f"(expected {expected}")
+    wrong = tmp_path / "wrong"  # a folder where a file belongs, or the reverse: said as such
+    if other_kind == "a folder":
+        wrong.mkdir()
+    else:
+        wrong.write_text("x")
+    with pytest.raises(DigitlabError) as excinfo:
+        load_source(f"{kind}:{wrong}")
+    assert message(excinfo).startswith(f"{wrong}: {other_kind}, expected {expected}")
 
 
 def test_mnist_part_must_be_train_or_test():

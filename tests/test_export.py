@@ -170,7 +170,7 @@ def test_export_cli(run_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "parity: max |logit difference|" in printed and "1000 MNIST test images" in printed
     onnx.checker.check_model(onnx.load(str(out)))
     assert main(["export", str(tmp_path / "missing")]) == 2
-    assert "no such run folder" in capsys.readouterr().err
+    assert "missing: no such folder (expected a run or ensemble folder)" in capsys.readouterr().err
 
 
 def test_predict_cli_with_the_onnx_backend(tiny_run: Path, tmp_path: Path, mnist_test: DigitData,

@@ -211,7 +211,8 @@ def test_cli_table_and_json(runs_dir, capsys):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["runs", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err == (
-        f"digitlab: error: {tmp_path / 'nope'}: no such folder (runs are written to runs/ by default)\n"
+        f"digitlab: error: {tmp_path / 'nope'}: no such folder (expected a folder of runs (runs are written to "
+        "runs/ by default))\n"
     )
     with pytest.raises(SystemExit) as caught:
         main(["runs", str(tmp_path), "--sort", "speed"])

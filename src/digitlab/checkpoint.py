@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from digitlab.errors import DigitlabError
+from digitlab.errors import DigitlabError, missing
 from digitlab.rundir import MODEL_FILE, MODEL_META, TRAIN_HASHES_FILE, atomic_write_bytes, atomic_write_json
 
 FORMAT_VERSION = 1
@@ -133,7 +133,7 @@ def load_model(run_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise DigitlabError(f"{run_dir}: no such run folder")
+        raise missing(run_dir, "a run folder", folder=True)
     meta = read_model_meta(run_dir)
     weights = run_dir / MODEL_FILE
     if not weights.is_file():

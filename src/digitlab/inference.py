@@ -19,7 +19,7 @@ import torch
 from digitlab.augment import rotate, translate
 from digitlab.calibration import apply_run_calibration, calibration_meta
 from digitlab.checkpoint import load_model
-from digitlab.errors import DigitlabError
+from digitlab.errors import DigitlabError, missing
 from digitlab.pixels import as_uint8_images
 from digitlab.rundir import ENSEMBLE_FILE, MODEL_META, ensemble_members, is_ensemble
 from digitlab.runtime import predict_logits, prepare_model, resolve_device, resolve_precision
@@ -141,7 +141,7 @@ def load_predictor(path: str | Path, precision: str = "auto", device: str = "cpu
     """
     path = Path(path)
     if not path.is_dir():
-        raise DigitlabError(f"{path}: no such run folder")
+        raise missing(path, "a run or ensemble folder", folder=True)
     if is_ensemble(path):
         loaded = [load_model(member) for member in ensemble_members(path)]
         meta = json.loads((path / ENSEMBLE_FILE).read_text())

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from digitlab.errors import DigitlabError
+from digitlab.errors import DigitlabError, missing
 from digitlab.rundir import CONFIG_FILE, ENSEMBLE_FILE, MEMBER_PREFIX, MODEL_FILE, MODEL_META, STATE_FILE
 
 
@@ -256,7 +256,7 @@ def list_runs(directory: str | Path = "runs", sort: str = "name", reverse: bool 
     if sort not in COLUMNS:
         raise DigitlabError(f"unknown column {sort!r} to sort by; choose one of {', '.join(COLUMNS)}")
     if not directory.is_dir():
-        raise DigitlabError(f"{directory}: no such folder (runs are written to runs/ by default)")
+        raise missing(directory, "a folder of runs (runs are written to runs/ by default)", folder=True)
     if _is_ensemble(directory) or is_run_folder(directory):
         rows = _rows_of(directory, directory.name)
     else:

@@ -31,7 +31,7 @@ from digitlab.augment import augment_batch
 from digitlab.config import TrainConfig
 from digitlab.data import DigitData, load_source, split
 from digitlab.distributed import DistContext
-from digitlab.errors import DigitlabError
+from digitlab.errors import DigitlabError, missing
 from digitlab.models import count_parameters, create_model
 from digitlab.rundir import CONFIG_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE, read_metrics  # noqa: F401 (read_metrics: API)
 from digitlab.runtime import (
@@ -816,7 +816,7 @@ def _unstarted_run(run_dir: Path) -> bool:
 
 def _read_run_config(run_dir: Path) -> TrainConfig:
     if not run_dir.is_dir():
-        raise DigitlabError(f"{run_dir}: no such run folder to resume")
+        raise missing(run_dir, "a run folder to resume", folder=True)
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise DigitlabError(f"{path}: missing; not a digitlab run folder")

@@ -17,7 +17,7 @@ from typing import BinaryIO, cast
 import numpy as np
 
 from digitlab.data.dataset import DigitData
-from digitlab.errors import DigitlabError
+from digitlab.errors import DigitlabError, missing
 
 _UINT8 = 0x08
 IMAGE_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
@@ -144,7 +144,7 @@ def load_idx_dir(directory: str | Path, split: str = "train") -> DigitData:
     if split not in IMAGE_FILES:
         raise DigitlabError(f"idx split must be 'train' or 'test', got {split!r}")
     if not directory.is_dir():
-        raise DigitlabError(f"{directory}: no such directory")
+        raise missing(directory, "a folder holding the IDX files", folder=True)
     images_path = _find(directory, IMAGE_FILES[split])
     labels_path = _find(directory, LABEL_FILES[split])
     images = read_idx(images_path)

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from digitlab.data.dataset import DigitData
-from digitlab.errors import DigitlabError
+from digitlab.errors import DigitlabError, missing
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 # Checked from the header before decoding: a 32 KB PNG can say 10000x10000 and decode to
@@ -126,7 +126,7 @@ def plain_resize(img: Image.Image) -> np.ndarray:
 def load_image_folder(directory: str | Path) -> DigitData:
     directory = Path(directory)
     if not directory.is_dir():
-        raise DigitlabError(f"{directory}: no such directory")
+        raise missing(directory, "a folder of images in class sub-folders 0/ .. 9/", folder=True)
     images, labels = [], []
     for label in range(10):
         class_dir = directory / str(label)

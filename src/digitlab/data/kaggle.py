@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from digitlab.data.dataset import DigitData
-from digitlab.errors import DigitlabError
+from digitlab.errors import DigitlabError, missing
 
 PIXEL_COLUMNS = [f"pixel{i}" for i in range(784)]
 TRAIN_HEADER = ["label", *PIXEL_COLUMNS]
@@ -102,7 +102,7 @@ def load_kaggle_csv(path: str | Path, expect_labels: bool | None = None) -> Digi
     """Read train.csv or test.csv; `expect_labels` True/False insists on one kind."""
     path = Path(path)
     if not path.is_file():
-        raise DigitlabError(f"{path}: no such file")
+        raise missing(path, "a Kaggle CSV file (train.csv or test.csv)", folder=False)
     try:
         # utf-8-sig: spreadsheet programs often start a CSV with a byte-order mark
         with path.open(newline="", encoding="utf-8-sig") as fh:
