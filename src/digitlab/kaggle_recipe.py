@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from digitlab.config import TrainConfig
-from digitlab.errors import DigitlabError
+from digitlab.errors import DigitlabError, missing
 
 FOLD_DIR, FULL_DIR = "fold", "full"
 SUBMISSION_FILE, FORECAST_FILE = "submission.csv", "forecast.json"
@@ -68,7 +68,7 @@ def kaggle_recipe(
 
     out = Path(out)
     if not Path(train_csv).is_file():
-        raise DigitlabError(f"{train_csv}: no such file")
+        raise missing(train_csv, "a Kaggle train.csv", folder=False)
     # Checked before hours of training, not after: a train.csv given as TEST_CSV would
     # otherwise be predicted into a submission of the wrong length.
     load_kaggle_csv(test_csv, expect_labels=False)

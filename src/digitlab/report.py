@@ -168,27 +168,29 @@ def write_report(run_dir: str | Path, data: str | DigitData | None = None, out: 
     result = evaluate_run(predictor, data, tta=tta, include_seen=include_seen, run_dir=run_dir, choice=choice)
     for note in result.extra["notes"]:
         log.warning("%s", note)  # the HTML says it too, but the person at the terminal should hear it
+    from digitlab.rundir import read_metrics
+
     members = _run_folders(run_dir)
-    histories = _training_histories(run_dir, members)
+    metrics = [read_metrics(member) for member in members]  # once each: the page uses them three times
+    histories = _training_histories(run_dir, members, metrics)
     figures = _draw_figures(data, result, histories, run_dir, max_mistakes)
     out.parent.mkdir(parents=True, exist_ok=True)
     for key, png in figures.items():
         (out.parent / FIGURE_FILES[key]).write_bytes(png)
-    report = _Report(run_dir, members, predictor, result, data, figures, histories, tta, max_mistakes,
+    report = _Report(run_dir, members, predictor, result, data, figures, histories, metrics, tta, max_mistakes,
                      include_seen)
     out.write_text(report.page(), encoding="utf-8")
     log.info("wrote %s with %d figures", out, len(figures))
     return out
 
 
-def _training_histories(run_dir: Path, members: list[Path]) -> dict[str, list[dict[str, Any]]]:
+def _training_histories(run_dir: Path, members: list[Path],
+                        metrics: list[list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
     """Per-batch/epoch records to plot: the run's own, or the first five members' (more is unreadable)."""
-    from digitlab.rundir import read_metrics
-
     if len(members) == 1:
-        histories = {run_dir.name: read_metrics(run_dir)}
+        histories = {run_dir.name: metrics[0]}
     else:
-        histories = {f"member {i + 1} ({m.name})": read_metrics(m) for i, m in enumerate(members[:5])}
+        histories = {f"member {i + 1} ({m.name})": metrics[i] for i, m in enumerate(members[:5])}
     return {k: v for k, v in histories.items() if v}
 
 
@@ -219,6 +221,7 @@ class _Report:
     data: DigitData
     figures: dict[str, bytes]
     histories: dict[str, list[dict[str, Any]]]
+    metrics: list[list[dict[str, Any]]]  # each member's metrics.jsonl records, in `members` order
     tta: bool
     max_mistakes: int
     include_seen: bool
@@ -237,11 +240,9 @@ class _Report:
         return _img(self.figures[key], alt, FIGURE_FILES[key]) if key in self.figures else ""
 
     def cards(self) -> list[tuple[str, str]]:
-        from digitlab.rundir import read_metrics
-
         result, seen, members = self.result, self.result.extra["seen_in_training"], self.members
         seen_text = "not checked" if seen is None else f"{seen:,} " + ("counted" if self.include_seen else "left out")
-        train_seconds = sum(r.get("train_seconds", 0) for m in members for r in read_metrics(m)
+        train_seconds = sum(r.get("train_seconds", 0) for records in self.metrics for r in records
                             if r.get("type") == "epoch")
         forecast = result.extra.get("expected_leaderboard")
         return [
@@ -259,11 +260,10 @@ class _Report:
 
     def run_info(self) -> list[tuple[str, Any]]:
         from digitlab.checkpoint import versions
-        from digitlab.rundir import read_metrics
 
         result, meta, config = self.result, self.first_meta, self.config
         data_info = config.get("data", meta.get("data", {}))
-        epochs = [r for r in read_metrics(self.members[0]) if r.get("type") == "epoch"]
+        epochs = [r for r in self.metrics[0] if r.get("type") == "epoch"]
         speed = [r["images_per_s"] for r in epochs if "images_per_s" in r]
         return [
             ("run folder", self.run_dir.resolve()),

@@ -14,7 +14,6 @@ from typing import Any
 from digitlab.errors import DigitlabError
 
 log = logging.getLogger(__name__)
-_WARNED: set[tuple[Path, int]] = set()  # cut metrics lines already reported (report reads a run twice)
 
 CONFIG_FILE = "config.json"  # the resolved config, versions and data fingerprints, written at the start
 METRICS_FILE = "metrics.jsonl"  # every batch's loss and one record per epoch
@@ -42,10 +41,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
         if not isinstance(record, dict):
             # A run killed mid-write leaves a cut last line; what follows a bad line is not to be
             # trusted either (train.py's MetricsLog.truncate_to drops it the same way on resume).
-            if (path, number) not in _WARNED:
-                _WARNED.add((path, number))
-                log.warning("%s: line %d is cut or corrupt; read the %d records before it", path, number,
-                            len(records))
+            log.warning("%s: line %d is cut or corrupt; read the %d records before it", path, number, len(records))
             break
         records.append(record)
     return records
