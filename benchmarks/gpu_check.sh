@@ -3,24 +3,29 @@
 # GPU issue. MNIST comes from the four IDX files in DIR (default gpu-data/, git-ignored: copy
 # ../shared/data/mnist/* there and pass it in the device tool's `carry`).
 #   bash benchmarks/gpu_check.sh [DIR] [STEP ...]
-# STEPs (default: all, in this order):
+# STEPs (default: all, in this order; a -graphs step is the same with --cuda-graphs, each step
+# replayed as CUDA graphs, which is what the speed targets were expected to need):
 #   env       the card, torch, CUDA
-#   tests     pytest -m cuda tests/test_cuda.py
-#   fast      time_to_accuracy: `fast`, 1 epoch, seeds 0-4 (target: 99.0% in <= 0.4 s)
-#   fastlong  time_to_accuracy: `fast-long`, 5 epochs, seeds 0-2 (target: 99.5% in <= 3 s)
-#   speed     gpu_speed: seed2017 3 epochs (>= 150,000 images/s), best 15 epochs (<= 15 s)
-#   ensemble  `digitlab ensemble --preset best --members 5 --jobs $GPU_CHECK_JOBS` (default 1), wall clock
+#   tests     pytest -m cuda tests/test_cuda.py (graphs included: the same weights as without)
+#   fast-graphs, fast
+#             time_to_accuracy: `fast`, 1 epoch, seeds 0-4 (target: 99.0% in <= 0.4 s)
+#   speed-graphs, speed
+#             gpu_speed: seed2017 3 epochs (>= 150,000 images/s), best 15 epochs (<= 15 s)
+#   fastlong-graphs, fastlong
+#             time_to_accuracy: `fast-long`, 5 epochs, seeds 0-2 (target: 99.5% in <= 3 s)
+#   ensemble-graphs, ensemble
+#             `digitlab ensemble --preset best --members 5 --jobs $GPU_CHECK_JOBS` (default 1), wall clock
 #             (target <= 90 s), then test accuracy; GPU_CHECK_JOBS=5 trains the members side by side on the card
 # Each step writes STEP.txt under $OUT (the device tool brings that folder back) or gpu-results/,
 # and stops at its own limit or at the script's deadline (GPU_CHECK_SECONDS, default 560: the
 # device tool's 600-s command limit less a margin), so one slow step cannot eat the others' time.
-# Steps that did not fit can be run in a second call: bash benchmarks/gpu_check.sh gpu-data speed ensemble
+# Steps that did not fit can be run in a second call: bash benchmarks/gpu_check.sh gpu-data fastlong ensemble
 # With device time left, issue 11's full-width committee: bash benchmarks/gpu_committee.sh [DIR] 5
 set -u
 dir=${1:-gpu-data}
 shift || true
 steps=("$@")
-known=(env tests fast fastlong speed ensemble)
+known=(env tests fast-graphs fast speed-graphs speed fastlong-graphs fastlong ensemble-graphs ensemble)
 [ ${#steps[@]} -eq 0 ] && steps=("${known[@]}")
 for step in "${steps[@]}"; do
   [[ " ${known[*]} " == *" $step "* ]] || { echo "unknown step '$step': ${known[*]}" >&2; exit 2; }
@@ -51,35 +56,39 @@ run_step() {  # NAME LIMIT_S COMMAND...: the command's output to the terminal an
     | tee -a "$out/$name.txt"
 }
 
-ensemble() {  # five `best` members on all 60,000 training images, then their accuracy on the test set
-  local start=$SECONDS
-  python -m digitlab ensemble --preset best --members 5 --data "idx:$dir" --val-split 0 --out "$work/ensemble" \
-    --jobs "${GPU_CHECK_JOBS:-1}" --quiet || return
-  echo "ensemble of 5 best, --jobs ${GPU_CHECK_JOBS:-1}: $((SECONDS - start)) s wall clock (data loading and 5 x 15 epochs)"
-  python - "$work/ensemble" <<'EOF'
+ensemble() {  # [--cuda-graphs]: five `best` members on all 60,000 training images, then their test accuracy
+  local start=$SECONDS out="$work/ensemble$*"
+  python -m digitlab ensemble --preset best --members 5 --data "idx:$dir" --val-split 0 --out "$out" \
+    --jobs "${GPU_CHECK_JOBS:-1}" --quiet "$@" || return
+  echo "ensemble of 5 best, --jobs ${GPU_CHECK_JOBS:-1} $*: $((SECONDS - start)) s wall clock (data loading and 5 x 15 epochs)"
+  python - "$out" <<'EOF'
 import json, pathlib, sys
 members = sorted(pathlib.Path(sys.argv[1]).glob("member-*/model.json"))
 seconds = [json.loads(m.read_text())["train_seconds"] for m in members]
 print(f"training seconds per member: {', '.join(f'{s:.1f}' for s in seconds)}; sum {sum(seconds):.1f}")
 EOF
-  python -m digitlab evaluate "$work/ensemble" --data "idx:$dir:test" --mistakes 0
+  python -m digitlab evaluate "$out" --data "idx:$dir:test" --mistakes 0
 }
 export -f ensemble  # `timeout` runs it in a child bash
 export dir work
 
 for step in "${steps[@]}"; do
+  graphs=()
+  [[ $step == *-graphs ]] && graphs=(--cuda-graphs)
   case $step in
     env) run_step env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader;
       python -c "import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available())"' ;;
     tests)
       if python -c "import pytest" 2>/dev/null; then
-        run_step tests 150 python -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
+        run_step tests 180 python -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
       else
         echo "pytest is not installed here: the cuda tests were not run" | tee "$out/tests.txt"
       fi ;;
-    fast) run_step fast 90 python benchmarks/time_to_accuracy.py "${data[@]}" --runs fast:1 --seeds 0 1 2 3 4 ;;
-    fastlong) run_step fastlong 90 python benchmarks/time_to_accuracy.py "${data[@]}" --runs fast-long:5 --seeds 0 1 2 ;;
-    speed) run_step speed 150 python benchmarks/gpu_speed.py "${data[@]}" --runs seed2017:3 best:15 ;;
-    ensemble) run_step ensemble 300 bash -c ensemble ;;
+    fastlong*) run_step "$step" 90 python benchmarks/time_to_accuracy.py "${data[@]}" --runs fast-long:5 --seeds 0 1 2 \
+      "${graphs[@]}" ;;
+    fast*) run_step "$step" 90 python benchmarks/time_to_accuracy.py "${data[@]}" --runs fast:1 --seeds 0 1 2 3 4 \
+      "${graphs[@]}" ;;
+    speed*) run_step "$step" 150 python benchmarks/gpu_speed.py "${data[@]}" --runs seed2017:3 best:15 "${graphs[@]}" ;;
+    ensemble*) run_step "$step" 300 bash -c 'ensemble "$@"' ensemble "${graphs[@]}" ;;
   esac
 done

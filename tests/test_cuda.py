@@ -7,6 +7,7 @@ so a few steps already learn it.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from pathlib import Path
@@ -78,6 +79,36 @@ def test_ctrl_c_then_resume_on_cuda_ends_with_the_same_weights(preset: str, stop
     for key, value in reference.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
     assert _untimed(read_metrics(reference.run_dir)) == _untimed(read_metrics(resumed.run_dir))
+
+
+@pytest.mark.parametrize("preset", ["best", "seed2017", "robust"])
+def test_cuda_graphs_train_exactly_as_without(preset: str, tmp_path: Path, data, caplog) -> None:
+    """--cuda-graphs changes the speed only: the captured step (gather, augmentation, outliers,
+    forward, backward) and EMA update give the eager run's weights and metrics, bit for bit."""
+    config = get_preset(preset).with_overrides(epochs=2, batch_size=64, device="cuda")
+    eager = fit(config, tmp_path / "eager", data=data)
+    with caplog.at_level(logging.WARNING):
+        graphed = fit(config.with_overrides(cuda_graphs=True), tmp_path / "graphed", data=data)
+    assert "capture failed" not in caplog.text and "not used" not in caplog.text
+    for key, value in eager.model.state_dict().items():
+        assert torch.equal(value, graphed.model.state_dict()[key]), key
+    assert _untimed(read_metrics(eager.run_dir)) == _untimed(read_metrics(graphed.run_dir))
+
+
+def test_ctrl_c_then_resume_with_cuda_graphs_ends_with_the_same_weights(tmp_path: Path, data) -> None:
+    """A resumed run captures its graphs afresh after a few eager steps: still the same weights."""
+    config = get_preset("best").with_overrides(epochs=2, batch_size=32, device="cuda", cuda_graphs=True)
+    reference = fit(config, tmp_path / "reference", data=data)
+
+    def ctrl_c(event: dict) -> None:
+        if event["event"] == "batch" and event["epoch"] == 1 and event["step"] == 10:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        fit(config, tmp_path / "stopped", callbacks=[ctrl_c], data=data)
+    resumed = fit(None, resume=tmp_path / "stopped", data=data)
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
 
 
 @pytest.fixture(scope="module")

@@ -207,6 +207,10 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensorboard", action="store_true", default=None,
                         help="write TensorBoard event files into the run folder (per-batch loss, epoch metrics, "
                         "learning rate, validation mistakes); needs `pip install 'digitlab[tensorboard]'`")
+    parser.add_argument("--cuda-graphs", action="store_true", default=None,
+                        help="on a CUDA GPU, capture the training step once as CUDA graphs and replay them: a few "
+                        "launches per step instead of hundreds (one process only; elsewhere the run trains as "
+                        "without it and says why)")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

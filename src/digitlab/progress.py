@@ -94,7 +94,7 @@ def plural(count: int, noun: str) -> str:
 def start_line(event: dict[str, Any]) -> str:
     """The first line of a run: what trains where; for a resumed run, where it picks up."""
     cfg = event["config"]
-    where = f"{event['device']} {event['precision']}"
+    where = f"{event['device']} {event['precision']}{', CUDA graphs' if event.get('cuda_graphs') else ''}"
     if event.get("resumed"):
         if event["start_epoch"] > cfg.epochs:
             return f"{event['run_dir']}: already finished ({plural(cfg.epochs, 'epoch')}); nothing to resume"

@@ -80,9 +80,10 @@ def configure_determinism(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str, cache: bool = True):
+    """bf16 autocast for "bf16", else nothing; `cache=False` for code a CUDA graph captures."""
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return nullcontext()
 
 

@@ -29,6 +29,7 @@ from digitlab import checkpoint as ckpt
 from digitlab import distributed
 from digitlab.augment import augment_batch
 from digitlab.config import TrainConfig
+from digitlab.cudagraph import GraphedStep, unsupported_reason
 from digitlab.data import DigitData, load_source, split
 from digitlab.distributed import DistContext
 from digitlab.errors import DigitlabError, missing
@@ -158,6 +159,22 @@ class WeightEMA(torch.optim.swa_utils.AveragedModel):
                     averaged.copy_(averaged * d + current * (1.0 - d))
         self.n_averaged += 1
 
+    def next_decay(self) -> float:
+        """The decay of the next update: 0 (a copy) for the first, then `ema_decay_at`'s."""
+        updates = int(self.n_averaged)
+        return 0.0 if updates == 0 else ema_decay_at(self.decay, updates)
+
+    @torch.no_grad()
+    def update_towards(self, model: nn.Module, decay: torch.Tensor, weight: torch.Tensor) -> None:
+        """`update_parameters`'s arithmetic with the decay and 1 - decay in 0-d device tensors, which
+        a CUDA graph reads afresh at each replay; the caller counts the update (`n_averaged`)."""
+        for averaged, current in zip([*self.module.parameters(), *self.module.buffers()],
+                                     [*model.parameters(), *model.buffers()], strict=True):
+            if torch.is_floating_point(averaged):
+                averaged.lerp_(current, weight)
+            else:
+                averaged.copy_(averaged * decay + current * weight)
+
 
 def build_ema(model: nn.Module, decay: float) -> WeightEMA | None:
     return WeightEMA(model, decay) if decay > 0 else None
@@ -282,6 +299,8 @@ class Trainer:
     ctx: DistContext = field(default_factory=DistContext)
     sync_every: int = 0  # steps between host reads of the loss; 0: sync_interval(device)
     outlier_pool: torch.Tensor | None = None  # (P, 28, 28) uint8 non-digits on `device` (outlier exposure)
+    graphs: bool = False  # each step through `StepReplay` (CUDA graphs on CUDA)
+    replay: StepReplay | None = None  # built by the first epoch: it binds the run's data tensors
 
     @property
     def outliers_per_step(self) -> int:
@@ -344,32 +363,22 @@ def train_one_epoch(
     pending: list[_Pending] = []
     block_start = time.perf_counter()
     trainer.model.train()
+    if trainer.graphs and (trainer.replay is None or not trainer.replay.serves(images, labels)):
+        trainer.replay = StepReplay(trainer, images, labels)
     while state.step < steps:
         index = shard[state.step * batch : (state.step + 1) * batch]
-        x = to_input(images[index])  # (B, 1, 28, 28)
-        y = labels[index]
-        if trainer.outlier_pool is not None:
-            x = torch.cat([x, _draw_outliers(trainer)])
-        if config.augment.enabled:
-            x = augment_batch(x, config.augment, trainer.augment_generator)
-        if trainer.device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(trainer.device, trainer.precision):
-            logits = trainer.model(x)
-            loss = F.cross_entropy(logits[: len(y)].float(), y, label_smoothing=config.label_smoothing)
-            if trainer.outlier_pool is not None:  # non-digits pushed towards 1/10 for every class
-                loss = loss - config.outlier_weight * F.log_softmax(logits[len(y) :].float(), dim=1).mean()
-            logits = logits[: len(y)]
-        trainer.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        trainer.optimizer.step()
+        if trainer.replay is not None:
+            loss, correct = trainer.replay(index)
+        else:
+            loss, correct = forward_backward(trainer, images, labels, index)
+            trainer.optimizer.step()
         lr = trainer.optimizer.param_groups[0]["lr"]
         if trainer.scheduler is not None and trainer.scheduler_per_step:
             trainer.scheduler.step()
-        if trainer.ema is not None:
+        if trainer.ema is not None and trainer.replay is None:
             trainer.ema.update_parameters(trainer.bare_model)
         state.step += 1
-        pending.append(_Pending(loss.detach(), (logits.argmax(1) == y).sum(), len(y), lr))
+        pending.append(_Pending(loss, correct, len(index), lr))
         if len(pending) < interval and state.step < steps:
             continue
         _record_block(pending, state, time.perf_counter() - block_start, steps, ctx.world_size, on_batch)
@@ -381,6 +390,76 @@ def train_one_epoch(
         if stopping and state.step < steps:
             return False
     return True
+
+
+def forward_backward(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
+                     captured: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather, augment, forward and backward on the images at `index`, leaving the gradients for
+    the optimizer: returns the batch's loss and its count of correct predictions, as 0-d tensors
+    left on the device. `captured`: the code a CUDA graph records (no autocast cache)."""
+    config = trainer.config
+    x = to_input(images[index])  # (B, 1, 28, 28)
+    y = labels[index]
+    if trainer.outlier_pool is not None:
+        x = torch.cat([x, _draw_outliers(trainer)])
+    if config.augment.enabled:
+        x = augment_batch(x, config.augment, trainer.augment_generator)
+    if trainer.device.type == "cpu":
+        x = x.contiguous(memory_format=torch.channels_last)
+    # autocast's cache of bf16 weights would outlive a graph's capture: off there
+    with autocast(trainer.device, trainer.precision, cache=not captured):
+        logits = trainer.model(x)
+        loss = F.cross_entropy(logits[: len(y)].float(), y, label_smoothing=config.label_smoothing)
+        if trainer.outlier_pool is not None:  # non-digits pushed towards 1/10 for every class
+            loss = loss - config.outlier_weight * F.log_softmax(logits[len(y) :].float(), dim=1).mean()
+        logits = logits[: len(y)]
+    # gradients set to None, not zeroed: the backward a graph captures then allocates them from
+    # the graph's memory and each replay writes them afresh
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+class StepReplay:
+    """A training step as CUDA graphs replay it (see digitlab.cudagraph): the batch's indices
+    copied into one buffer, then the graph of `forward_backward`, the optimizer's own step, and the
+    graph of the EMA's update with its decay in device tensors. On CUDA the graphs are captured
+    after a few eager steps; elsewhere every step runs eagerly, the same code, which is how the
+    CPU tests check it.
+    """
+
+    def __init__(self, trainer: Trainer, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.trainer, self.images, self.labels = trainer, images, labels
+        device = trainer.device
+        self.index = torch.zeros(trainer.local_batch, dtype=torch.long, device=device)
+        self.ema_decay = torch.zeros((), dtype=torch.float32, device=device)
+        self.ema_weight = torch.zeros((), dtype=torch.float32, device=device)
+        self.step_graph = GraphedStep(self.forward_backward, device, [trainer.augment_generator])
+        self.ema_graph = GraphedStep(self.update_ema, device)
+
+    def serves(self, images: torch.Tensor, labels: torch.Tensor) -> bool:
+        return images is self.images and labels is self.labels
+
+    def forward_backward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return forward_backward(self.trainer, self.images, self.labels, self.index, captured=True)
+
+    def update_ema(self) -> tuple[()]:
+        assert self.trainer.ema is not None
+        self.trainer.ema.update_towards(self.trainer.bare_model, self.ema_decay, self.ema_weight)
+        return ()
+
+    def __call__(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.index.copy_(index)
+        loss, correct = self.step_graph()
+        self.trainer.optimizer.step()
+        ema = self.trainer.ema
+        if ema is not None:
+            decay = ema.next_decay()
+            self.ema_decay.fill_(decay)
+            self.ema_weight.fill_(1.0 - decay)
+            self.ema_graph()
+            ema.n_averaged += 1
+        return loss, correct
 
 
 def outlier_pool(config: TrainConfig, train_data: DigitData) -> np.ndarray:
@@ -443,7 +522,7 @@ def augment_generator(seed: int, rank: int, device: torch.device) -> torch.Gener
 
 
 def _build_trainer(config: TrainConfig, ctx: DistContext, device: torch.device, precision: str,
-                   epoch_steps: int) -> Trainer:
+                   epoch_steps: int, graphs: bool = False) -> Trainer:
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = prepare_model(create_model(config.model, **config.model_args), device)
     ema = build_ema(model, config.ema_decay)
@@ -453,7 +532,7 @@ def _build_trainer(config: TrainConfig, ctx: DistContext, device: torch.device, 
     optimizer = build_optimizer(model, config)
     scheduler, when = build_scheduler(optimizer, config, epoch_steps)
     return Trainer(model, optimizer, scheduler, when == "step", ema, config, precision, device,
-                   augment_generator(config.seed, ctx.rank, device), ctx)
+                   augment_generator(config.seed, ctx.rank, device), ctx, graphs=graphs)
 
 
 def _rng_tensors(trainer: Trainer, order_generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -531,6 +610,7 @@ def fit(
         _write_run_config(run)
     run.emit({"event": "start", "run_dir": str(run.run_dir), "config": run.config,
               "device": device_description(run.device), "precision": run.trainer.precision,
+              "cuda_graphs": run.trainer.graphs,
               "train_count": run.data_info["train_count"], "val_count": run.data_info["val_count"],
               "steps_per_epoch": steps_per_epoch(run.data_info["train_count"], run.config),
               "start_epoch": run.start_epoch, "world_size": run.ctx.world_size, "resumed": resume is not None,
@@ -601,7 +681,7 @@ def _open_run(config: TrainConfig | None, out_dir: str | Path | None, resume: st
     def on_device(array: Any) -> torch.Tensor:
         return torch.from_numpy(array).to(device)
 
-    trainer = _build_trainer(config, ctx, device, precision, epoch_steps)
+    trainer = _build_trainer(config, ctx, device, precision, epoch_steps, _use_graphs(config, device, ctx))
     if config.outliers > 0:
         trainer.outlier_pool = on_device(outlier_pool(config, train_data))
     return _Run(
@@ -617,6 +697,16 @@ def _open_run(config: TrainConfig | None, out_dir: str | Path | None, resume: st
     )
 
 
+def _use_graphs(config: TrainConfig, device: torch.device, ctx: DistContext) -> bool:
+    """Whether this run replays its steps as CUDA graphs: asked for, and possible here (else said once)."""
+    if not config.cuda_graphs:
+        return False
+    why_not = unsupported_reason(device, ctx.world_size)
+    if why_not is not None:
+        log.warning("--cuda-graphs: not used, %s; training eagerly", why_not)
+    return why_not is None
+
+
 def _write_run_config(run: _Run) -> None:
     if run.restart:
         log.warning("%s: holds a config.json but no checkpoint (a run that stopped before its first epoch "
@@ -625,7 +715,7 @@ def _write_run_config(run: _Run) -> None:
     run.run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.atomic_write_json(run.run_dir / CONFIG_FILE, {
         "config": run.config.to_dict(),
-        "resolved": {"device": str(run.device), "precision": run.trainer.precision,
+        "resolved": {"device": str(run.device), "precision": run.trainer.precision, "cuda_graphs": run.trainer.graphs,
                      "threads": torch.get_num_threads(),
                      "steps_per_epoch": steps_per_epoch(run.data_info["train_count"], run.config),
                      "world_size": run.ctx.world_size},

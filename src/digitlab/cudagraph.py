@@ -1,0 +1,105 @@
+"""The training step replayed as CUDA graphs: a few launches per step instead of a few hundred.
+
+A step of digitlab's small networks is 300-700 kernels of a few microseconds each (gather,
+augmentation, forward, backward, optimizer, EMA). Launched one by one from Python, the GPU waits
+for the host most of the time. Captured once as a CUDA graph, the gather-to-backward part is one
+launch, and the EMA's update another; the optimizer steps between them as it always does (fused
+Adam is one kernel already).
+
+A captured graph repeats the very kernels it recorded, with the very arguments and addresses, so
+what a graph reads must not change as a Python number or move in memory between steps: the
+batch's indices are copied into one buffer, the data, weights and gradients stay put, and the
+EMA's decay, which changes every step, is a device tensor refilled before each replay. The
+optimizer stays outside because torch's capturable Adam turns a tensor beta1 (which the one-cycle
+schedule changes every step) back into a number (`_foreach_lerp_` takes a scalar), which a graph
+would freeze and which waits for the GPU. Random numbers come from generators registered with the
+graph, which then draws fresh numbers at every replay and keeps the generator states (saved in
+checkpoints) exact.
+
+The first steps run eagerly on a side stream, as PyTorch's CUDA-graph notes ask (cuBLAS and cuDNN
+set themselves up, the optimizer creates its state); they are real training steps, not rehearsals.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+WARMUP_STEPS = 3  # eager steps before the capture (PyTorch's whole-network example uses 3)
+
+
+def unsupported_reason(device: torch.device, world_size: int) -> str | None:
+    """None when training steps can be replayed as CUDA graphs here; otherwise why not."""
+    if device.type != "cuda":
+        return f"they need a CUDA device, and this run trains on {device.type}"
+    if world_size > 1:
+        return "not under torchrun (several processes): DDP's gradient exchange is not captured"
+    if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+        return f"torch {torch.__version__} cannot register the augmentation's generator with a graph"
+    return None
+
+
+class GraphedStep:
+    """Calls `step` (no arguments; returns tensors) eagerly for the first `warmup` calls, then
+    captures it once as a CUDA graph and replays that. Returns the step's output tensors, which
+    stay valid after later calls. On a device other than CUDA, every call is eager.
+
+    `step` must read only tensors that stay at their addresses and numbers that never change
+    (see the module's notes); `generators` are the non-default CUDA generators it draws from.
+    If the capture fails, the step runs eagerly from then on, with a warning.
+    """
+
+    def __init__(self, step: Callable[[], Sequence[torch.Tensor]], device: torch.device,
+                 generators: Sequence[torch.Generator] = (), warmup: int = WARMUP_STEPS) -> None:
+        self.step = step
+        self.device = device
+        self.generators = list(generators)
+        self.warmup = warmup
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs: Sequence[torch.Tensor] = ()
+        self.failed = False
+        self.side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    @property
+    def replaying(self) -> bool:
+        return self.graph is not None
+
+    def __call__(self) -> list[torch.Tensor]:
+        self.calls += 1
+        if self.side_stream is None:
+            return list(self.step())
+        if self.graph is None and not self.failed and self.calls > self.warmup:
+            self._capture()
+        if self.graph is not None:
+            self.graph.replay()
+            return [t.clone() for t in self.outputs]
+        return self._eager()
+
+    def _eager(self) -> list[torch.Tensor]:
+        assert self.side_stream is not None
+        main = torch.cuda.current_stream(self.device)
+        self.side_stream.wait_stream(main)
+        with torch.cuda.stream(self.side_stream):
+            outputs = list(self.step())
+        main.wait_stream(self.side_stream)
+        for t in outputs:  # made on the side stream, read on the main one
+            t.record_stream(main)
+        return outputs
+
+    def _capture(self) -> None:
+        graph = torch.cuda.CUDAGraph()
+        for generator in self.generators:  # the default generator is registered by the capture itself
+            graph.register_generator_state(generator)
+        try:
+            with torch.cuda.graph(graph):
+                outputs = list(self.step())
+        except RuntimeError as exc:  # nothing ran during the failed capture: the step is run eagerly instead
+            self.failed = True
+            log.warning("CUDA graph capture failed, training goes on without it: %s", str(exc).splitlines()[0])
+            return
+        self.graph, self.outputs = graph, outputs

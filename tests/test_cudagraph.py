@@ -1,0 +1,238 @@
+"""`--cuda-graphs` checked without a GPU: the code that CUDA graphs capture runs here eagerly, as
+the graphs would replay it. What replay needs is checked op by op: consecutive calls must dispatch
+the same operators with the same numbers and read every outside tensor at the same address (a
+decay passed as a number, or a fresh index tensor, fails here). The capture itself is checked on a
+GPU by tests/test_cuda.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from digitlab import train
+from digitlab.config import TrainConfig
+from digitlab.cudagraph import GraphedStep, unsupported_reason
+from digitlab.data import DigitData
+from digitlab.distributed import DistContext
+from digitlab.errors import DigitlabError
+from digitlab.presets import get_preset, list_presets
+from digitlab.train import TrainingInterrupted, fit, read_metrics
+
+TIMING_FIELDS = {"train_seconds", "images_per_s", "eval_seconds"}
+
+
+@pytest.fixture
+def graphs_here(monkeypatch) -> None:
+    """Let a run on the CPU (or meta) take the graph path: its steps then run eagerly."""
+    monkeypatch.setattr(train, "unsupported_reason", lambda *args: None)
+
+
+@pytest.mark.parametrize(("device", "world", "expected"), [
+    ("cuda", 1, None if hasattr(torch.cuda.CUDAGraph, "register_generator_state") else "cannot register"),
+    ("cpu", 1, "need a CUDA device"),
+    ("cuda", 2, "torchrun"),
+])
+def test_graphs_are_used_only_where_a_step_can_be_replayed(device: str, world: int, expected: str | None) -> None:
+    why = unsupported_reason(torch.device(device), world)
+    assert why is None if expected is None else expected in why
+
+
+def test_a_graphed_step_off_cuda_calls_the_step_every_time() -> None:
+    calls: list[int] = []
+
+    def step() -> list[torch.Tensor]:
+        calls.append(1)
+        return [torch.tensor(float(len(calls)))]
+
+    graphed = GraphedStep(step, torch.device("cpu"), warmup=1)
+    assert [float(graphed()[0]) for _ in range(4)] == [1.0, 2.0, 3.0, 4.0]
+    assert not graphed.replaying
+
+
+class _Trace(TorchDispatchMode):
+    """Each op with what a CUDA graph would freeze: its non-tensor arguments, and the address of
+    every tensor that the step did not make itself (storage pointers, so views count as their base)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[Any, ...]] = []
+        self.made: set[int] = set()
+        self.outside: set[int] = set()
+
+    def _describe(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            ptr = value.untyped_storage().data_ptr()
+            if ptr not in self.made:
+                self.outside.add(ptr)
+            where = ("outside", ptr) if ptr in self.outside else ("made",)
+            return (*where, tuple(value.shape), value.dtype)
+        if isinstance(value, torch.Generator):
+            return ("generator", value.device, value.initial_seed())  # a new Python object at every call
+        if value is None or isinstance(value, int | float | complex | str | torch.device | torch.dtype
+                                       | torch.memory_format | torch.layout):
+            return value
+        return type(value).__name__  # e.g. the profiler's record_function handles around optimizer.step
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = [self._describe(v) for v in tree_flatten((args, kwargs))[0]]
+        out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.outside:
+                self.made.add(t.untyped_storage().data_ptr())
+        self.ops.append((str(func), *inputs))
+        return out
+
+
+def _trainer_and_data(preset: str, graphs: bool, device: str = "cpu"):
+    config = get_preset(preset).with_overrides(batch_size=16, precision="fp32")
+    dev = torch.device(device)
+    trainer = train._build_trainer(config, DistContext(), dev, "fp32", epoch_steps=100, graphs=graphs)
+    if config.outliers > 0:
+        trainer.outlier_pool = torch.zeros(64, 28, 28, dtype=torch.uint8, device=dev)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (160, 28, 28), dtype=torch.uint8, generator=gen).to(dev)
+    labels = torch.randint(0, 10, (160,), generator=gen).to(dev)
+    return trainer, images, labels
+
+
+def _traced(calls: list[list[tuple]], function):
+    def traced():
+        with _Trace() as trace:
+            out = function()
+        calls.append(trace.ops)
+        return out
+    return traced
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_consecutive_steps_are_the_same_kernels_on_the_same_memory(preset: str) -> None:
+    """The property a CUDA graph's replay rests on, for every recipe's step and EMA update: what
+    changes from one step to the next (the batch, the random numbers, the EMA's decay) changes only
+    inside tensors whose addresses stay put."""
+    trainer, images, labels = _trainer_and_data(preset, graphs=True)
+    replay = train.StepReplay(trainer, images, labels)
+    steps: list[list[tuple]] = []
+    updates: list[list[tuple]] = []
+    replay.step_graph.step = _traced(steps, replay.step_graph.step)
+    replay.ema_graph.step = _traced(updates, replay.ema_graph.step)
+    for k in range(4):
+        replay(torch.arange(16 * k, 16 * (k + 1)))
+        if trainer.scheduler is not None:
+            trainer.scheduler.step()
+    assert len(steps) == 4 and steps[0] == steps[1] == steps[2] == steps[3]
+    if trainer.ema is not None:
+        assert len(updates) == 4 and updates[0] == updates[1] == updates[2] == updates[3]
+        assert int(trainer.ema.n_averaged) == 4
+
+
+def test_the_eager_ema_update_would_not_replay() -> None:
+    """The same check fails for the eager EMA update, whose decay is a Python number that changes
+    every step: the check can fail."""
+    trainer, _, _ = _trainer_and_data("best", graphs=False)
+    assert trainer.ema is not None
+    updates: list[list[tuple]] = []
+    for _ in range(3):
+        _traced(updates, lambda: trainer.ema.update_parameters(trainer.bare_model))()
+    assert updates[1] != updates[2]
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_a_replayable_step_sends_nothing_between_host_and_device(preset: str, graphs_here, monkeypatch) -> None:
+    """As test_device's check of the eager step: on `meta`, as CUDA would see it, filling the
+    EMA's decay tensors and the batch's index buffer moves nothing between host and device."""
+    from tests.test_device import _HostTraffic, _recording_torch_tensor
+
+    monkeypatch.setattr(train, "augment_generator", lambda *args: None)  # meta has no generator of its own
+    monkeypatch.setattr(train, "_record_block", lambda pending, *args: None)
+    trainer, _, _ = _trainer_and_data(preset, graphs=True, device="meta")
+    images = torch.zeros(160, 28, 28, dtype=torch.uint8, device="meta")
+    labels = torch.zeros(160, dtype=torch.long, device="meta")
+    state = train.EpochState(epoch=1, perm=torch.arange(160, device="meta"))
+    made: list[str] = []
+    _recording_torch_tensor(monkeypatch, made)
+    with _HostTraffic() as traffic:
+        assert train.train_one_epoch(trainer, images, labels, state)
+    assert isinstance(trainer.replay, train.StepReplay) and state.step == train.steps_per_epoch(160, trainer.config)
+    assert traffic.ops == [] and made == []
+
+
+def _bars(n: int, seed: int) -> DigitData:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+    for c in range(10):
+        images[labels == c, 2 * c + 4 : 2 * c + 7, 4:24] = 255
+    return DigitData(images, labels, f"bars:{seed}")
+
+
+def _untimed(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+
+
+def _graph_config(preset: str = "best") -> TrainConfig:
+    return get_preset(preset).with_overrides(epochs=2, batch_size=32, precision="fp32", device="cpu",
+                                             cuda_graphs=True)
+
+
+@pytest.mark.parametrize("preset", ["best", "seed2017"])
+def test_the_graph_path_trains_exactly_as_the_eager_one(preset: str, tmp_path: Path, graphs_here) -> None:
+    """Same weights and metrics, bit for bit, with and without the graph path's form of the step
+    (EMA decay in tensors, gradients left for the optimizer): on a GPU, graphs change the speed only.
+    `best` has the EMA and one-cycle's moving betas, `seed2017` RMSprop and dropout."""
+    data = (_bars(1024, 0), _bars(256, 1))
+    graphed = fit(_graph_config(preset), tmp_path / "graphed", data=data, progress=False)
+    eager = fit(_graph_config(preset).with_overrides(cuda_graphs=False), tmp_path / "eager", data=data,
+                progress=False)
+    assert graphed.final["val_acc"] > 0.5  # learning: 10 classes
+    for key, value in eager.model.state_dict().items():
+        assert torch.equal(value, graphed.model.state_dict()[key]), key
+    assert _untimed(read_metrics(eager.run_dir)) == _untimed(read_metrics(graphed.run_dir))
+    assert json.loads((graphed.run_dir / "config.json").read_text())["resolved"]["cuda_graphs"] is True
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_resume_with_graphs_ends_with_the_same_weights(tmp_path: Path, graphs_here) -> None:
+    """A resumed run starts its graphs afresh (eager steps, then a capture): it still repeats an
+    uninterrupted run bit for bit."""
+    data = (_bars(1024, 0), _bars(256, 1))
+    reference = fit(_graph_config(), tmp_path / "reference", data=data, progress=False)
+
+    def ctrl_c(event: dict) -> None:
+        if event["event"] == "batch" and event["epoch"] == 1 and event["step"] == 13:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        fit(_graph_config(), tmp_path / "stopped", callbacks=[ctrl_c], data=data, progress=False)
+    resumed = fit(None, resume=tmp_path / "stopped", data=data, progress=False)
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    assert _untimed(read_metrics(reference.run_dir)) == _untimed(read_metrics(resumed.run_dir))
+
+
+def test_asking_for_graphs_where_there_are_none_trains_as_without(tmp_path: Path, caplog) -> None:
+    data = (_bars(512, 0), _bars(128, 1))
+    plain = get_preset("fast").with_overrides(epochs=1, epoch_fraction=1.0, batch_size=32, precision="fp32",
+                                              device="cpu")
+    with caplog.at_level(logging.WARNING, logger="digitlab.train"):
+        asked = fit(plain.with_overrides(cuda_graphs=True), tmp_path / "asked", data=data, progress=False)
+    assert "--cuda-graphs: not used, they need a CUDA device" in caplog.text
+    reference = fit(plain, tmp_path / "plain", data=data, progress=False)
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(value, asked.model.state_dict()[key]), key
+
+
+def test_cuda_graphs_must_be_a_boolean() -> None:
+    with pytest.raises(DigitlabError, match="cuda_graphs must be true or false"):
+        get_preset("fast").with_overrides(cuda_graphs="yes").validate()
