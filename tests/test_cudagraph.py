@@ -195,7 +195,7 @@ def test_the_graph_path_trains_exactly_as_the_eager_one(preset: str, tmp_path: P
     graphed = fit(_graph_config(preset), tmp_path / "graphed", data=data, progress=False)
     eager = fit(_graph_config(preset).with_overrides(cuda_graphs=False), tmp_path / "eager", data=data,
                 progress=False)
-    assert graphed.final["val_acc"] > 0.5  # learning: 10 classes
+    assert graphed.final["val_acc"] > 0.25  # learning: chance is 0.1
     for key, value in eager.model.state_dict().items():
         assert torch.equal(value, graphed.model.state_dict()[key]), key
     assert _untimed(read_metrics(eager.run_dir)) == _untimed(read_metrics(graphed.run_dir))
