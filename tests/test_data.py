@@ -273,6 +273,9 @@ BAD_ROWS = {
     "plus sign": (_cell(2, 5, "+5"), "line 3: pixel4 is '+5', expected an integer"),
     "underscore": (_cell(2, 5, "1_0"), "line 3: pixel4 is '1_0', expected an integer"),
     "arabic digit": (_cell(2, 0, "\u0663"), "line 3: label is '\u0663', expected an integer"),
+    # pyarrow reads hexadecimal as an integer (0x5 -> 5): must be refused, not read
+    "hex cell": (_cell(2, 5, "0x5"), "line 3: pixel4 is '0x5', expected an integer"),
+    "hex label": (_cell(3, 0, "0X3"), "line 4: label is '0X3', expected an integer"),
 }
 
 

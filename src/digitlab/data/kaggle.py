@@ -21,7 +21,8 @@ from digitlab.errors import DigitlabError, missing
 
 PIXEL_COLUMNS = [f"pixel{i}" for i in range(784)]
 TRAIN_HEADER = ["label", *PIXEL_COLUMNS]
-# What pyarrow's int64 parser takes: ASCII digits, an optional minus, spaces/tabs around.
+# What pyarrow's int64 parser takes: ASCII digits, an optional minus, spaces/tabs around, and
+# also hexadecimal ("0x5", "0XFF"), which `_has_hex` sends to the diagnostic pass instead.
 # Python's int() also takes "+5", "1_0" and non-ASCII digits, which pyarrow refuses.
 _INTEGER = re.compile(r"[ \t]*-?[0-9]+[ \t]*")
 
@@ -48,6 +49,16 @@ def _check_header(path: Path, header: list[str]) -> bool:
         f"{path}: line 1: column {wrong + 1} is named {header[wrong]!r}, expected {expected[wrong]!r} "
         "(not a Kaggle Digit Recognizer header)"
     )
+
+
+def _has_hex(path: Path) -> bool:
+    """An x or X anywhere after the header: pyarrow would read a cell "0x5" as 5, silently."""
+    with path.open("rb") as fh:
+        fh.readline()
+        while chunk := fh.read(1 << 24):
+            if b"x" in chunk or b"X" in chunk:
+                return True
+    return False
 
 
 def _rows(reader: Any) -> Iterator[tuple[int, list[str]]]:
@@ -135,8 +146,8 @@ def load_kaggle_csv(path: str | Path, expect_labels: bool | None = None) -> Digi
         raise _diagnose(path, has_label) from None
     if table.num_rows == 0:
         raise DigitlabError(f"{path}: header only, no data rows")
-    if any(table.column(i).null_count for i in range(table.num_columns)):
-        raise _diagnose(path, has_label)  # empty cells (or "NA"), which pyarrow reads as null
+    if any(table.column(i).null_count for i in range(table.num_columns)) or _has_hex(path):
+        raise _diagnose(path, has_label)  # empty cells (or "NA"), which pyarrow reads as null; hex
     array = np.column_stack([table.column(i).to_numpy() for i in range(table.num_columns)])
     if has_label:
         labels, pixels = array[:, 0], array[:, 1:]
