@@ -170,3 +170,18 @@ def test_subprocess_bad_file_single_line_stderr(tmp_path, bad_csv):
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr == f"digitlab: error: {bad_csv}: line 3: label 10 outside 0..9\n"
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["data", "show", "--n", "401"], "argument --n: must be at most 400, got 401"),
+    (["augment-preview", "--copies", "100000"], "argument --copies: must be at most 16, got 100000"),
+    (["augment-preview", "--n", "33"], "argument --n: must be at most 32, got 33"),
+    (["augment-preview", "--copies", "0"], "argument --copies: must be at least 1, got 0"),
+])
+def test_figure_counts_are_bounded(tmp_path, argv, expected, capsys):
+    """One matplotlib panel per digit: 100,000 copies used to run for minutes before any output."""
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, "--out", str(tmp_path / "x.png")])
+    assert stop.value.code == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

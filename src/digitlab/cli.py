@@ -6,6 +6,7 @@ Errors a user can cause arrive as DigitlabError and leave as one line on stderr,
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -41,6 +42,11 @@ def _positive_int(text: str) -> int:
     return _whole_number(text, 1)
 
 
+def _count_up_to(high: int) -> Callable[[str], int]:
+    """1..high: the figures draw one matplotlib panel per digit, and thousands of panels take minutes."""
+    return functools.partial(_whole_number, low=1, high=high)
+
+
 def _non_negative_int(text: str) -> int:
     return _whole_number(text, 0)
 
@@ -68,7 +74,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
     show = data_sub.add_parser("show", help="save a grid of sample digits with their labels as PNG")
     show.add_argument("source", nargs="?", default="mnist", help=SOURCE_HELP + " (default: mnist)")
-    show.add_argument("--n", type=_positive_int, default=10, help="how many digits (default: 10)")
+    show.add_argument("--n", type=_count_up_to(400), default=10, help="how many digits, up to 400 (default: 10)")
     show.add_argument("--seed", type=_seed, default=None, help="pick random digits with this seed "
                       "(default: the first N)")
     show.add_argument("--out", required=True, type=Path, help="PNG file to write")
@@ -466,8 +472,9 @@ def _add_augment_preview(sub: argparse._SubParsersAction) -> None:
         "(seed2017's is the notebook's Keras generator, zoom_range=1 included), to see what training shows the net.")
     preview.add_argument("--preset", default="seed2017", help=f"whose augmentation: {', '.join(list_presets())}")
     preview.add_argument("--data", default="mnist:test", help=SOURCE_HELP + " (default: mnist:test)")
-    preview.add_argument("--n", type=_positive_int, default=8, help="how many digits (rows; default: 8)")
-    preview.add_argument("--copies", type=_positive_int, default=5, help="augmented copies per digit (default: 5)")
+    preview.add_argument("--n", type=_count_up_to(32), default=8, help="how many digits (rows), up to 32 (default: 8)")
+    preview.add_argument("--copies", type=_count_up_to(16), default=5,
+                         help="augmented copies per digit, up to 16 (default: 5)")
     preview.add_argument("--seed", type=_seed, default=0, help="augmentation seed (default: 0)")
     preview.add_argument("--out", type=Path, required=True, help="PNG file to write")
     preview.set_defaults(handler=_run_augment_preview)
