@@ -83,7 +83,7 @@ def test_every_recipe_flag_reaches_the_config(monkeypatch, tmp_path: Path) -> No
     argv = ["train", "--preset", "quick", "--data", "mnist:test", "--val-data", "mnist:train", "--val-split", "0.1",
             "--epochs", "7", "--epoch-fraction", "0.5", "--batch-size", "33", "--precision", "fp32", "--lr", "0.02",
             "--optimizer", "sgd", "--schedule", "cosine", "--label-smoothing", "0.05", "--seed", "9",
-            "--device", "cpu", "--out", str(tmp_path / "r"), "--quiet"]
+            "--device", "cpu", "--cuda-graphs", "--out", str(tmp_path / "r"), "--quiet"]
     assert main(argv) == 130
     config = seen["config"]
     assert (config.data, config.val_data, config.val_split, config.epochs, config.epoch_fraction) == (
@@ -91,3 +91,18 @@ def test_every_recipe_flag_reaches_the_config(monkeypatch, tmp_path: Path) -> No
     assert (config.batch_size, config.precision, config.lr, config.optimizer, config.schedule) == (
         33, "fp32", 0.02, "sgd", "cosine")
     assert (config.label_smoothing, config.seed, config.device, config.preset) == (0.05, 9, "cpu", "quick")
+    assert config.cuda_graphs is True
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["train", "--lr", "20"], "--lr: learning rate must be in (0, 10], got 20.0"),
+    (["train", "--preset", "fast", "--val-split", "1.5"], "--val-split: val split must be in [0, 1), got 1.5"),
+    (["train", "--epoch-fraction", "0"], "--epoch-fraction: epoch fraction must be in (0, 1], got 0.0"),
+    (["ensemble", "--preset", "fast", "--members", "2", "--epoch-fraction", "2"],
+     "--epoch-fraction: epoch fraction must be in (0, 1], got 2.0"),
+])
+def test_a_refused_flag_is_named_by_its_flag(argv, expected, tmp_path: Path, capsys) -> None:
+    """It used to be named by the preset it overrides ("quick: learning rate must be ...")."""
+    assert main([*argv, "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.strip() == f"digitlab: error: {expected}"
+    assert not (tmp_path / "r").exists()

@@ -258,6 +258,24 @@ def _recipe_overrides(args: argparse.Namespace) -> dict[str, object]:
     return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "preset" and hasattr(args, f.name)}
 
 
+def _with_flags(base: TrainConfig, overrides: dict[str, object]) -> TrainConfig:
+    """`base` with the flags' values, validated; a value that the recipe refuses is named by its flag
+    ("--lr: learning rate must be ...") rather than by the preset that it overrides."""
+    config = base.with_overrides(**overrides)
+    try:
+        return config.validate()
+    except DigitlabError:
+        for name, value in overrides.items():
+            if value is None:
+                continue
+            try:
+                base.with_overrides(**{name: value}).validate()
+            except DigitlabError as exc:
+                reason = str(exc).removeprefix(f"{base.preset}: ")
+                raise DigitlabError(f"--{name.replace('_', '-')}: {reason}") from None
+        raise
+
+
 def _base_config(preset: str | None, config_file: Path | None):
     from digitlab.presets import DEFAULT_PRESET, get_preset
 
@@ -287,7 +305,7 @@ def _run_train(args: argparse.Namespace) -> int:
             raise DigitlabError(f"--resume continues the run with its own settings; drop {dropped}")
         config = None
     else:
-        config = _base_config(args.preset, args.config).with_overrides(**overrides)
+        config = _with_flags(_base_config(args.preset, args.config), overrides)
     progress = TrainingProgress(quiet=args.quiet)
     try:
         result = fit(config, out_dir=args.out, resume=args.resume, callbacks=[progress],
@@ -340,7 +358,7 @@ def _run_ensemble(args: argparse.Namespace) -> int:
 
     names = _preset_names(args.presets) if args.presets else [args.preset]
     overrides = _recipe_overrides(args)
-    recipes = [get_preset(name).with_overrides(**overrides) for name in names]
+    recipes = [_with_flags(get_preset(name), overrides) for name in names]
     training = TrainingProgress()
 
     def show(event: dict) -> None:
