@@ -74,8 +74,12 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for preset in args.presets:
         parts = count(preset, args.batch_size)
-        # with graphs: index copy, step replay, the optimizer, 2 decay fills + EMA replay, 2 output clones
-        outside = 1 + 1 + parts["optimizer"] + (3 if parts["ema"] else 0) + 2
+        # with graphs: index copy, step replay, the optimizer, 2 decay fills + EMA replay, 2 output clones,
+        # and at each replay 2 fills (seed, offset) per generator registered with the graph: the default
+        # one always, the augmentation's when the recipe augments or adds outliers
+        config = get_preset(preset)
+        generators = 1 + (config.augment.enabled or config.outliers > 0)
+        outside = 1 + 1 + 2 * generators + parts["optimizer"] + (3 + 2 if parts["ema"] else 0) + 2
         print(f"| {preset} | {parts['forward+backward']} | {parts['optimizer']} | {parts['ema']} | "
               f"{sum(parts.values())} | {outside} |", flush=True)
 

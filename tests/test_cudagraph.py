@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from digitlab.distributed import DistContext
 from digitlab.errors import DigitlabError
 from digitlab.presets import get_preset, list_presets
 from digitlab.train import TrainingInterrupted, fit, read_metrics
+from hostdevice import HostTraffic, recording_torch_tensor
 
 TIMING_FIELDS = {"train_seconds", "images_per_s", "eval_seconds"}
 
@@ -152,8 +154,6 @@ def test_the_eager_ema_update_would_not_replay() -> None:
 def test_a_replayable_step_sends_nothing_between_host_and_device(preset: str, graphs_here, monkeypatch) -> None:
     """As test_device's check of the eager step: on `meta`, as CUDA would see it, filling the
     EMA's decay tensors and the batch's index buffer moves nothing between host and device."""
-    from tests.test_device import _HostTraffic, _recording_torch_tensor
-
     monkeypatch.setattr(train, "augment_generator", lambda *args: None)  # meta has no generator of its own
     monkeypatch.setattr(train, "_record_block", lambda pending, *args: None)
     trainer, _, _ = _trainer_and_data(preset, graphs=True, device="meta")
@@ -161,8 +161,8 @@ def test_a_replayable_step_sends_nothing_between_host_and_device(preset: str, gr
     labels = torch.zeros(160, dtype=torch.long, device="meta")
     state = train.EpochState(epoch=1, perm=torch.arange(160, device="meta"))
     made: list[str] = []
-    _recording_torch_tensor(monkeypatch, made)
-    with _HostTraffic() as traffic:
+    recording_torch_tensor(monkeypatch, made)
+    with HostTraffic() as traffic:
         assert train.train_one_epoch(trainer, images, labels, state)
     assert isinstance(trainer.replay, train.StepReplay) and state.step == train.steps_per_epoch(160, trainer.config)
     assert traffic.ops == [] and made == []
@@ -219,6 +219,83 @@ def test_ctrl_c_then_resume_with_graphs_ends_with_the_same_weights(tmp_path: Pat
     for key, value in reference.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
     assert _untimed(read_metrics(reference.run_dir)) == _untimed(read_metrics(resumed.run_dir))
+
+
+def test_a_run_resumes_with_or_without_graphs(tmp_path: Path, graphs_here) -> None:
+    """Graphs change the speed, not the result: a run started with them can go on without (after a
+    failed capture, say) and ends with the uninterrupted run's weights."""
+    data = (_bars(1024, 0), _bars(256, 1))
+    reference = fit(_graph_config(), tmp_path / "reference", data=data, progress=False)
+
+    def ctrl_c(event: dict) -> None:
+        if event["event"] == "batch" and event["epoch"] == 2 and event["step"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        fit(_graph_config(), tmp_path / "stopped", callbacks=[ctrl_c], data=data, progress=False)
+    resumed = fit(None, resume=tmp_path / "stopped", data=data, progress=False, cuda_graphs=False)
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+def test_resume_takes_the_graphs_flag_and_no_other(tmp_path: Path, capsys) -> None:
+    from digitlab.cli import main
+
+    config = get_preset("fast").with_overrides(epochs=2, epoch_fraction=1.0, batch_size=32, precision="fp32",
+                                               device="cpu")
+    run = tmp_path / "run"
+
+    def stop_after_epoch_1(event: dict) -> None:
+        if event["event"] == "epoch" and event["epoch"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    data = (_bars(512, 0), _bars(128, 1))
+    with pytest.raises(TrainingInterrupted):
+        fit(config, run, callbacks=[stop_after_epoch_1], data=data, progress=False)
+    assert main(["train", "--resume", str(run), "--lr", "0.1"]) == 2
+    assert "--resume continues the run with its own settings; drop --lr" in capsys.readouterr().err
+    seen = {}
+
+    def fake_fit(config, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt
+
+    import digitlab.train
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(digitlab.train, "fit", fake_fit)
+        assert main(["train", "--resume", str(run), "--no-cuda-graphs"]) == 130
+    assert seen["cuda_graphs"] is False and seen["resume"] == run
+
+
+def test_a_failed_capture_stops_with_its_cause(monkeypatch) -> None:
+    """torch leaves the stream and generators in capture mode after a failed capture, so training
+    cannot go on eagerly in that process: it stops, naming the error that broke the capture
+    (not capture_end's "operation failed due to a previous error") and what to do."""
+
+    class FakeGraph:
+        def register_generator_state(self, generator) -> None:
+            pass
+
+    @contextmanager
+    def failing_capture(graph):
+        try:
+            yield
+        finally:
+            raise RuntimeError("operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", failing_capture)
+
+    def step() -> list[torch.Tensor]:
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
+
+    graphed = GraphedStep(step, torch.device("cpu"), warmup=0)
+    graphed.side_stream = object()  # as on CUDA: capture after the warm-up calls
+    with pytest.raises(DigitlabError, match=r"^CUDA graph capture failed \(RuntimeError: CUDA error: operation not "
+                       r"permitted when stream is capturing\); train without --cuda-graphs, or resume the run with "
+                       r"--no-cuda-graphs"):
+        graphed()
 
 
 def test_asking_for_graphs_where_there_are_none_trains_as_without(tmp_path: Path, caplog) -> None:

@@ -16,8 +16,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from digitlab import runtime, train
 from digitlab.config import DEVICES
@@ -27,6 +25,7 @@ from digitlab.errors import DigitlabError
 from digitlab.models import create_model
 from digitlab.presets import get_preset, list_presets
 from digitlab.train import TrainingInterrupted, fit, read_metrics
+from hostdevice import HostTraffic, recording_torch_tensor
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "digitlab"
 TIMING_FIELDS = {"train_seconds", "images_per_s", "eval_seconds"}
@@ -80,36 +79,6 @@ def test_weight_ema_never_reads_a_count_from_the_device() -> None:
     assert int(ema.n_averaged) == 3
 
 
-class _HostTraffic(TorchDispatchMode):
-    """Records every op that touches host (CPU) tensors and device tensors at once. On CUDA each
-    is a copy between the two, and a copy from ordinary host memory makes the CPU wait for the
-    card. Tensors built from Python data on a device (`torch.tensor(..., device=d)`) are copies
-    too but do not pass through this mode: `_recording_torch_tensor` catches those."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
-        if len({t.device.type for t in tensors} | {"cpu"}) > 1 and any(t.device.type == "cpu" for t in tensors):
-            self.ops.append(str(func))
-        return out
-
-
-def _recording_torch_tensor(monkeypatch, made: list[str]) -> None:
-    real = torch.tensor
-
-    def tensor(data, *args, **kwargs):
-        t = real(data, *args, **kwargs)
-        if t.device.type != "cpu":
-            made.append(f"torch.tensor({data!r}) on {t.device}")
-        return t
-
-    monkeypatch.setattr(torch, "tensor", tensor)
-
-
 @pytest.mark.parametrize("preset", list_presets())
 def test_a_training_step_sends_nothing_between_host_and_device(preset: str, monkeypatch) -> None:
     """Every step of every recipe (augmentation, outliers, model, loss, optimizer, schedule, EMA) on
@@ -127,8 +96,8 @@ def test_a_training_step_sends_nothing_between_host_and_device(preset: str, monk
     labels = torch.zeros(96, dtype=torch.long, device=meta)
     state = train.EpochState(epoch=1, perm=torch.arange(96, device=meta))
     made: list[str] = []
-    _recording_torch_tensor(monkeypatch, made)
-    with _HostTraffic() as traffic:
+    recording_torch_tensor(monkeypatch, made)
+    with HostTraffic() as traffic:
         assert train.train_one_epoch(trainer, images, labels, state)
     assert state.step == train.steps_per_epoch(96, config) > 2  # the EMA averages from its second update
     assert sum(blocks) == state.step

@@ -261,7 +261,27 @@ def test_a_diverged_loss_stops_training_with_a_clear_error() -> None:
     state = EpochState(epoch=2, perm=torch.arange(12), step=3)
     pending = [_Pending(torch.tensor(v), torch.tensor(2), 4, 0.1) for v in (0.7, float("nan"), 0.6)]
     with pytest.raises(DigitlabError, match=r"diverged: the loss is nan at epoch 2, step 2; train again with a lower"):
-        _record_block(pending, state, 1.0, 3, 1, None)
+        _record_block(pending, state, time.perf_counter(), 3, 1, None)
+
+
+def test_a_block_is_timed_until_its_losses_are_read(monkeypatch) -> None:
+    """On a GPU, reading the losses waits for the card to finish the block: that wait is training
+    time. (The clock used to be read before the read, counting only the time to queue the work.)"""
+    from digitlab import train
+
+    class SlowRead:  # stands for the block's stacked losses on a busy GPU
+        def __init__(self, values: list[float]) -> None:
+            self.values = values
+
+        def tolist(self) -> list[float]:
+            time.sleep(0.2)
+            return self.values
+
+    monkeypatch.setattr(train.torch, "stack", lambda tensors: SlowRead([float(t) for t in tensors]))
+    state = train.EpochState(epoch=1, perm=torch.arange(8))
+    pending = [train._Pending(torch.tensor(0.5), torch.tensor(3), 4, 0.1) for _ in range(2)]
+    train._record_block(pending, state, time.perf_counter(), 2, 1, None)
+    assert state.train_seconds >= 0.4  # two reads of 0.2 s each
 
 
 def test_the_largest_seed_trains(tmp_path: Path, csv_640: Path) -> None:

@@ -213,10 +213,10 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensorboard", action="store_true", default=None,
                         help="write TensorBoard event files into the run folder (per-batch loss, epoch metrics, "
                         "learning rate, validation mistakes); needs `pip install 'digitlab[tensorboard]'`")
-    parser.add_argument("--cuda-graphs", action="store_true", default=None,
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="on a CUDA GPU, capture the training step once as CUDA graphs and replay them: a few "
-                        "launches per step instead of hundreds (one process only; elsewhere the run trains as "
-                        "without it and says why)")
+                        "launches per step instead of hundreds, the same results (one process only; elsewhere the "
+                        "run trains as without it and says why); also with --resume")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -299,7 +299,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     overrides = _recipe_overrides(args)
     if args.resume is not None:
-        given = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None]
+        given = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None and k != "cuda_graphs"]
         if given or args.preset or args.out or args.config:
             dropped = ", ".join(given or ["--preset/--out"])
             raise DigitlabError(f"--resume continues the run with its own settings; drop {dropped}")
@@ -309,7 +309,8 @@ def _run_train(args: argparse.Namespace) -> int:
     progress = TrainingProgress(quiet=args.quiet)
     try:
         result = fit(config, out_dir=args.out, resume=args.resume, callbacks=[progress],
-                     progress=False)  # the CLI draws its own bar (TrainingProgress)
+                     progress=False,  # the CLI draws its own bar (TrainingProgress)
+                     cuda_graphs=args.cuda_graphs)
     except TrainingInterrupted as stop:
         print(f"\ninterrupted: state saved at epoch {stop.epoch}, step {stop.step}.", file=sys.stderr)
         print(f"resume with: {stop.resume_command}", file=sys.stderr)

@@ -130,6 +130,11 @@ class AugmentConfig:
         return cls(**_as_floats(cls, data))
 
 
+# fields that change how fast training runs but not what it computes: a resume or an ensemble's
+# rerun may change them (tests/test_cudagraph.py checks that graphs give the eager weights)
+SPEED_ONLY_FIELDS = frozenset({"cuda_graphs"})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     preset: str = "custom"
@@ -170,7 +175,7 @@ class TrainConfig:
     tensorboard: bool = False
     # replay each training step as CUDA graphs (digitlab.cudagraph): on one CUDA device; elsewhere
     # the run trains as without it and says why
-    cuda_graphs: bool = False
+    cuda_graphs: bool = False  # one of SPEED_ONLY_FIELDS
 
     def validate(self) -> TrainConfig:
         def bad(msg: str) -> DigitlabError:
@@ -260,13 +265,15 @@ class TrainConfig:
         """(field, recorded value, this config's value) for every field in which a recorded config
         (a checkpoint's, a run folder's config.json) differs from this one. A field the record
         lacks was added to digitlab since it was written and is not a change; so are the
-        augmentation's fields added since (off by default)."""
+        augmentation's fields added since (off by default). `cuda_graphs` is never a change: it
+        changes how fast the steps run, not what they compute."""
         if not isinstance(recorded, dict):
             return []
         current = json.loads(json.dumps(self.to_dict()))  # tuples as JSON lists, as records hold them
         if isinstance(recorded.get("augment"), dict):
             recorded = {**recorded, "augment": {**AugmentConfig().to_dict(), **recorded["augment"]}}
-        return [(k, recorded[k], v) for k, v in current.items() if k in recorded and recorded[k] != v]
+        return [(k, recorded[k], v) for k, v in current.items()
+                if k in recorded and recorded[k] != v and k not in SPEED_ONLY_FIELDS]
 
     @classmethod
     def from_dict(cls, data: Any) -> TrainConfig:

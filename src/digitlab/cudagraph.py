@@ -22,12 +22,11 @@ set themselves up, the optimizer creates its state); they are real training step
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 
 import torch
 
-log = logging.getLogger(__name__)
+from digitlab.errors import DigitlabError
 
 WARMUP_STEPS = 3  # eager steps before the capture (PyTorch's whole-network example uses 3)
 
@@ -50,7 +49,8 @@ class GraphedStep:
 
     `step` must read only tensors that stay at their addresses and numbers that never change
     (see the module's notes); `generators` are the non-default CUDA generators it draws from.
-    If the capture fails, the step runs eagerly from then on, with a warning.
+    A failed capture stops training with a DigitlabError: torch leaves the stream and the
+    generators in capture mode after one, so no eager step can follow in this process.
     """
 
     def __init__(self, step: Callable[[], Sequence[torch.Tensor]], device: torch.device,
@@ -62,7 +62,6 @@ class GraphedStep:
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: Sequence[torch.Tensor] = ()
-        self.failed = False
         self.side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     @property
@@ -73,7 +72,7 @@ class GraphedStep:
         self.calls += 1
         if self.side_stream is None:
             return list(self.step())
-        if self.graph is None and not self.failed and self.calls > self.warmup:
+        if self.graph is None and self.calls > self.warmup:
             self._capture()
         if self.graph is not None:
             self.graph.replay()
@@ -98,8 +97,13 @@ class GraphedStep:
         try:
             with torch.cuda.graph(graph):
                 outputs = list(self.step())
-        except RuntimeError as exc:  # nothing ran during the failed capture: the step is run eagerly instead
-            self.failed = True
-            log.warning("CUDA graph capture failed, training goes on without it: %s", str(exc).splitlines()[0])
-            return
+        except RuntimeError as exc:
+            # the error that broke the capture; capture_end's own ("operation failed due to a previous
+            # error during capture") follows it
+            cause = exc.__context__ if isinstance(exc.__context__, Exception) else exc
+            first_line = (str(cause).splitlines() or [""])[0]
+            raise DigitlabError(
+                f"CUDA graph capture failed ({type(cause).__name__}: {first_line}); train without --cuda-graphs, "
+                "or resume the run with --no-cuda-graphs (same results, slower)"
+            ) from exc
         self.graph, self.outputs = graph, outputs

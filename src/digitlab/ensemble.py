@@ -172,16 +172,17 @@ def _train_in_process(config: TrainConfig, plan: MemberPlan, callbacks: Iterable
                       progress: bool = True) -> None:
     from digitlab.train import fit
 
-    if plan.started:
-        fit(None, resume=plan.run_dir, callbacks=callbacks, progress=progress)
+    if plan.started:  # the rerun's --cuda-graphs holds for its resumed members too (speed only)
+        fit(None, resume=plan.run_dir, callbacks=callbacks, progress=progress, cuda_graphs=config.cuda_graphs)
     else:
         fit(config.with_overrides(seed=plan.seed), plan.run_dir, callbacks=callbacks, progress=progress)
 
 
-def _member_command(config_path: Path, plan: MemberPlan) -> list[str]:  # config_path: the plan's recipe
+def _member_command(config_path: Path, plan: MemberPlan, cuda_graphs: bool = False) -> list[str]:
+    """The `digitlab train` that trains a member; config_path holds the plan's recipe."""
     base = [sys.executable, "-m", "digitlab", "train", "--quiet"]
     if plan.started:
-        return [*base, "--resume", str(plan.run_dir)]
+        return [*base, "--resume", str(plan.run_dir), "--cuda-graphs" if cuda_graphs else "--no-cuda-graphs"]
     return [*base, "--config", str(config_path), "--seed", str(plan.seed), "--out", str(plan.run_dir)]
 
 
@@ -202,8 +203,9 @@ def _train_in_processes(recipes: list[TrainConfig], plans: list[MemberPlan], job
                 plan = pending.pop(0)
                 plan.run_dir.parent.mkdir(parents=True, exist_ok=True)
                 log_file = (out_dir / f"member-{plan.index}.log").open("a")
-                proc = subprocess.Popen(_member_command(config_paths[plan.recipe], plan), env=env, stdout=log_file,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                command = _member_command(config_paths[plan.recipe], plan, recipes[plan.recipe].cuda_graphs)
+                proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL)
                 log_file.close()
                 running.append((plan, proc))
                 on_event({"event": "member_start", "member": plan.index, "seed": plan.seed})

@@ -6,6 +6,7 @@ CPU supports it, an atomic resumable checkpoint every epoch, and bit-exact resum
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -381,7 +382,7 @@ def train_one_epoch(
         pending.append(_Pending(loss, correct, len(index), lr))
         if len(pending) < interval and state.step < steps:
             continue
-        _record_block(pending, state, time.perf_counter() - block_start, steps, ctx.world_size, on_batch)
+        _record_block(pending, state, block_start, steps, ctx.world_size, on_batch)
         pending.clear()
         block_start = time.perf_counter()
         stopping = stop is not None and stop.is_set()
@@ -434,7 +435,9 @@ class StepReplay:
         self.index = torch.zeros(trainer.local_batch, dtype=torch.long, device=device)
         self.ema_decay = torch.zeros((), dtype=torch.float32, device=device)
         self.ema_weight = torch.zeros((), dtype=torch.float32, device=device)
-        self.step_graph = GraphedStep(self.forward_backward, device, [trainer.augment_generator])
+        # each generator registered with a graph costs two small kernels per replay: only the one used
+        draws = trainer.config.augment.enabled or trainer.outlier_pool is not None
+        self.step_graph = GraphedStep(self.forward_backward, device, [trainer.augment_generator] if draws else [])
         self.ema_graph = GraphedStep(self.update_ema, device)
 
     def serves(self, images: torch.Tensor, labels: torch.Tensor) -> bool:
@@ -477,12 +480,14 @@ def _draw_outliers(trainer: Trainer) -> torch.Tensor:
     return to_input(trainer.outlier_pool[pick])
 
 
-def _record_block(pending: list[_Pending], state: EpochState, seconds: float, steps: int, world_size: int,
+def _record_block(pending: list[_Pending], state: EpochState, block_start: float, steps: int, world_size: int,
                   on_batch: Callable[[dict[str, Any]], None] | None) -> None:
     """Read a block of steps' losses in one host sync and add them to `state` (and `on_batch`)."""
     losses = torch.stack([p.loss for p in pending]).tolist()
     corrects = torch.stack([p.correct for p in pending]).tolist()
-    dt = seconds / len(pending)  # the device ran the block as a whole: share its time evenly
+    # the clock is read after that sync: on a GPU the host runs ahead of the card, and a clock read
+    # before it would count the time to queue the block's work, not to do it
+    dt = (time.perf_counter() - block_start) / len(pending)  # the device ran the block as a whole: share it
     first_step = state.step - len(pending) + 1
     bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
     if bad is not None:  # NaN weights only get worse: stop and say so rather than save a useless model
@@ -590,6 +595,7 @@ def fit(
     callbacks: Iterable[Callback] = (),
     data: tuple[DigitData, DigitData | None] | None = None,
     progress: bool = True,
+    cuda_graphs: bool | None = None,
 ) -> RunResult:
     """Train `config` into a run folder (or continue the run in `resume`); returns the result.
 
@@ -597,13 +603,14 @@ def fit(
     config's sources are loaded. `progress` shows a bar per epoch (tqdm: a widget in Jupyter, text
     in a terminal); `callbacks` receive every training event. Ctrl-C saves the state and raises
     TrainingInterrupted. Under torchrun, every rank calls fit and only rank 0 writes files or emits events.
+    `cuda_graphs` overrides the config's (a resumed run's too): it changes the speed, not the result.
     """
     callbacks = list(callbacks)
     if progress:
         from digitlab.progress import ProgressBar
 
         callbacks.append(ProgressBar())
-    run = _open_run(config, out_dir, resume, callbacks, data)
+    run = _open_run(config, out_dir, resume, callbacks, data, cuda_graphs)
     if resume is not None:
         _restore(run)
     elif run.ctx.is_main:
@@ -616,8 +623,11 @@ def fit(
               "start_epoch": run.start_epoch, "world_size": run.ctx.world_size, "resumed": resume is not None,
               "start_step": run.state.step if run.state is not None else 0})
     with _sigint_flag() as stop:
-        for epoch in range(run.start_epoch, run.config.epochs + 1):
-            _train_epoch(run, epoch, stop)
+        try:
+            for epoch in range(run.start_epoch, run.config.epochs + 1):
+                _train_epoch(run, epoch, stop)
+        finally:  # the graphs hold GPU memory and refer back to the trainer: free them with the run
+            run.trainer.replay = None
     return _finish(run)
 
 
@@ -651,10 +661,13 @@ def _data_info(config: TrainConfig, train_data: DigitData, val_data: DigitData |
 
 
 def _open_run(config: TrainConfig | None, out_dir: str | Path | None, resume: str | Path | None,
-              callbacks: list[Callback], data: tuple[DigitData, DigitData | None] | None) -> _Run:
+              callbacks: list[Callback], data: tuple[DigitData, DigitData | None] | None,
+              cuda_graphs: bool | None = None) -> _Run:
     """Resolve the config, the folder, the device and the data; build the model and optimizer."""
     ctx = distributed.context_from_env()
     config, run_dir, restart = _run_folder(config, out_dir, resume)
+    if cuda_graphs is not None:
+        config = dataclasses.replace(config, cuda_graphs=cuda_graphs)
     if config.batch_size % ctx.world_size:
         raise DigitlabError(f"batch size {config.batch_size} does not split evenly over {ctx.world_size} processes")
 

@@ -1,0 +1,40 @@
+"""Checks shared by the device tests: what on CUDA would move data between host and device.
+
+(A plain module, not a test file: `tests/` is on sys.path when pytest runs, whichever way it is started.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class HostTraffic(TorchDispatchMode):
+    """Records every op that touches host (CPU) tensors and device tensors at once. On CUDA each
+    is a copy between the two, and a copy from ordinary host memory makes the CPU wait for the
+    card. Tensors built from Python data on a device (`torch.tensor(..., device=d)`) are copies
+    too but do not pass through this mode: `recording_torch_tensor` catches those."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+        if len({t.device.type for t in tensors} | {"cpu"}) > 1 and any(t.device.type == "cpu" for t in tensors):
+            self.ops.append(str(func))
+        return out
+
+
+def recording_torch_tensor(monkeypatch, made: list[str]) -> None:
+    real = torch.tensor
+
+    def tensor(data, *args, **kwargs):
+        t = real(data, *args, **kwargs)
+        if t.device.type != "cpu":
+            made.append(f"torch.tensor({data!r}) on {t.device}")
+        return t
+
+    monkeypatch.setattr(torch, "tensor", tensor)
