@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from device_helpers import bars, untimed
 from digitlab.data import DigitData
 from digitlab.presets import get_preset, list_presets
 from digitlab.train import TrainingInterrupted, fit, read_metrics, steps_per_epoch
@@ -26,27 +27,11 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-TIMING_FIELDS = {"train_seconds", "images_per_s", "eval_seconds"}
-
-
-def bars(n: int, seed: int) -> DigitData:
-    """Class c: a bright horizontal bar on rows 2c+4..2c+6, plus noise."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, n)
-    images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
-    for c in range(10):
-        images[labels == c, 2 * c + 4 : 2 * c + 7, 4:24] = 255
-    return DigitData(images, labels, f"bars:{seed}")
-
-
 @pytest.fixture(scope="module")
 def data() -> tuple[DigitData, DigitData]:
     # 4,096 images: 128 steps an epoch at batch 32, so a Ctrl-C lands inside an epoch's 50-step blocks
     return bars(4096, 0), bars(512, 1)
 
-
-def _untimed(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
 
 
 @pytest.mark.parametrize("preset", list_presets())
@@ -78,7 +63,7 @@ def test_ctrl_c_then_resume_on_cuda_ends_with_the_same_weights(preset: str, stop
     resumed = fit(None, resume=tmp_path / "stopped", data=data)
     for key, value in reference.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
-    assert _untimed(read_metrics(reference.run_dir)) == _untimed(read_metrics(resumed.run_dir))
+    assert untimed(read_metrics(reference.run_dir)) == untimed(read_metrics(resumed.run_dir))
 
 
 @pytest.mark.parametrize("preset", ["best", "seed2017", "robust"])
@@ -92,7 +77,7 @@ def test_cuda_graphs_train_exactly_as_without(preset: str, tmp_path: Path, data,
     assert "not used" not in caplog.text
     for key, value in eager.model.state_dict().items():
         assert torch.equal(value, graphed.model.state_dict()[key]), key
-    assert _untimed(read_metrics(eager.run_dir)) == _untimed(read_metrics(graphed.run_dir))
+    assert untimed(read_metrics(eager.run_dir)) == untimed(read_metrics(graphed.run_dir))
 
 
 def test_ctrl_c_then_resume_with_cuda_graphs_ends_with_the_same_weights(tmp_path: Path, data) -> None:

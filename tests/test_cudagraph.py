@@ -15,23 +15,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from device_helpers import HostTraffic, bars, recording_torch_tensor, untimed
 from digitlab import train
 from digitlab.config import TrainConfig
 from digitlab.cudagraph import GraphedStep, unsupported_reason
-from digitlab.data import DigitData
 from digitlab.distributed import DistContext
 from digitlab.errors import DigitlabError
 from digitlab.presets import get_preset, list_presets
 from digitlab.train import TrainingInterrupted, fit, read_metrics
-from hostdevice import HostTraffic, recording_torch_tensor
-
-TIMING_FIELDS = {"train_seconds", "images_per_s", "eval_seconds"}
 
 
 @pytest.fixture
@@ -168,19 +164,6 @@ def test_a_replayable_step_sends_nothing_between_host_and_device(preset: str, gr
     assert traffic.ops == [] and made == []
 
 
-def _bars(n: int, seed: int) -> DigitData:
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, n)
-    images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
-    for c in range(10):
-        images[labels == c, 2 * c + 4 : 2 * c + 7, 4:24] = 255
-    return DigitData(images, labels, f"bars:{seed}")
-
-
-def _untimed(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
-
-
 def _graph_config(preset: str = "best") -> TrainConfig:
     return get_preset(preset).with_overrides(epochs=2, batch_size=32, precision="fp32", device="cpu",
                                              cuda_graphs=True)
@@ -191,51 +174,38 @@ def test_the_graph_path_trains_exactly_as_the_eager_one(preset: str, tmp_path: P
     """Same weights and metrics, bit for bit, with and without the graph path's form of the step
     (EMA decay in tensors, gradients left for the optimizer): on a GPU, graphs change the speed only.
     `best` has the EMA and one-cycle's moving betas, `seed2017` RMSprop and dropout."""
-    data = (_bars(1024, 0), _bars(256, 1))
+    data = (bars(1024, 0), bars(256, 1))
     graphed = fit(_graph_config(preset), tmp_path / "graphed", data=data, progress=False)
     eager = fit(_graph_config(preset).with_overrides(cuda_graphs=False), tmp_path / "eager", data=data,
                 progress=False)
     assert graphed.final["val_acc"] > 0.25  # learning: chance is 0.1
     for key, value in eager.model.state_dict().items():
         assert torch.equal(value, graphed.model.state_dict()[key]), key
-    assert _untimed(read_metrics(eager.run_dir)) == _untimed(read_metrics(graphed.run_dir))
+    assert untimed(read_metrics(eager.run_dir)) == untimed(read_metrics(graphed.run_dir))
     assert json.loads((graphed.run_dir / "config.json").read_text())["resolved"]["cuda_graphs"] is True
 
 
 @pytest.mark.slow
-def test_ctrl_c_then_resume_with_graphs_ends_with_the_same_weights(tmp_path: Path, graphs_here) -> None:
-    """A resumed run starts its graphs afresh (eager steps, then a capture): it still repeats an
-    uninterrupted run bit for bit."""
-    data = (_bars(1024, 0), _bars(256, 1))
+@pytest.mark.parametrize(("stop_epoch", "stop_step", "graphs_after"), [
+    (1, 13, None),  # the resumed run captures its graphs afresh (eager steps, then a capture)
+    (2, 5, False),  # it goes on without them (after a failed capture, say): graphs change the speed only
+])
+def test_ctrl_c_then_resume_ends_with_the_uninterrupted_weights(stop_epoch: int, stop_step: int,
+                                                                graphs_after: bool | None, tmp_path: Path,
+                                                                graphs_here) -> None:
+    data = (bars(1024, 0), bars(256, 1))
     reference = fit(_graph_config(), tmp_path / "reference", data=data, progress=False)
 
     def ctrl_c(event: dict) -> None:
-        if event["event"] == "batch" and event["epoch"] == 1 and event["step"] == 13:
+        if event["event"] == "batch" and event["epoch"] == stop_epoch and event["step"] == stop_step:
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(TrainingInterrupted):
         fit(_graph_config(), tmp_path / "stopped", callbacks=[ctrl_c], data=data, progress=False)
-    resumed = fit(None, resume=tmp_path / "stopped", data=data, progress=False)
+    resumed = fit(None, resume=tmp_path / "stopped", data=data, progress=False, cuda_graphs=graphs_after)
     for key, value in reference.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
-    assert _untimed(read_metrics(reference.run_dir)) == _untimed(read_metrics(resumed.run_dir))
-
-
-def test_a_run_resumes_with_or_without_graphs(tmp_path: Path, graphs_here) -> None:
-    """Graphs change the speed, not the result: a run started with them can go on without (after a
-    failed capture, say) and ends with the uninterrupted run's weights."""
-    data = (_bars(1024, 0), _bars(256, 1))
-    reference = fit(_graph_config(), tmp_path / "reference", data=data, progress=False)
-
-    def ctrl_c(event: dict) -> None:
-        if event["event"] == "batch" and event["epoch"] == 2 and event["step"] == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(TrainingInterrupted):
-        fit(_graph_config(), tmp_path / "stopped", callbacks=[ctrl_c], data=data, progress=False)
-    resumed = fit(None, resume=tmp_path / "stopped", data=data, progress=False, cuda_graphs=False)
-    for key, value in reference.model.state_dict().items():
-        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    assert untimed(read_metrics(reference.run_dir)) == untimed(read_metrics(resumed.run_dir))
 
 
 def test_resume_takes_the_graphs_flag_and_no_other(tmp_path: Path, capsys) -> None:
@@ -249,7 +219,7 @@ def test_resume_takes_the_graphs_flag_and_no_other(tmp_path: Path, capsys) -> No
         if event["event"] == "epoch" and event["epoch"] == 1:
             os.kill(os.getpid(), signal.SIGINT)
 
-    data = (_bars(512, 0), _bars(128, 1))
+    data = (bars(512, 0), bars(128, 1))
     with pytest.raises(TrainingInterrupted):
         fit(config, run, callbacks=[stop_after_epoch_1], data=data, progress=False)
     assert main(["train", "--resume", str(run), "--lr", "0.1"]) == 2
@@ -299,7 +269,7 @@ def test_a_failed_capture_stops_with_its_cause(monkeypatch) -> None:
 
 
 def test_asking_for_graphs_where_there_are_none_trains_as_without(tmp_path: Path, caplog) -> None:
-    data = (_bars(512, 0), _bars(128, 1))
+    data = (bars(512, 0), bars(128, 1))
     plain = get_preset("fast").with_overrides(epochs=1, epoch_fraction=1.0, batch_size=32, precision="fp32",
                                               device="cpu")
     with caplog.at_level(logging.WARNING, logger="digitlab.train"):

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 
+from device_helpers import HostTraffic, recording_torch_tensor, untimed
 from digitlab import runtime, train
 from digitlab.config import DEVICES
 from digitlab.data import DigitData
@@ -25,14 +26,9 @@ from digitlab.errors import DigitlabError
 from digitlab.models import create_model
 from digitlab.presets import get_preset, list_presets
 from digitlab.train import TrainingInterrupted, fit, read_metrics
-from hostdevice import HostTraffic, recording_torch_tensor
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "digitlab"
-TIMING_FIELDS = {"train_seconds", "images_per_s", "eval_seconds"}
 
-
-def _untimed(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
 
 
 @pytest.mark.parametrize("device", [d for d in DEVICES if d != "auto"])
@@ -127,7 +123,7 @@ def test_reading_losses_every_few_steps_changes_nothing(tmp_path: Path, tiny_dat
     blocks = fit(_config(), tmp_path / "blocks", data=tiny_data)
     for key, value in every_step.model.state_dict().items():
         assert torch.equal(value, blocks.model.state_dict()[key]), key
-    assert _untimed(read_metrics(every_step.run_dir)) == _untimed(read_metrics(blocks.run_dir))
+    assert untimed(read_metrics(every_step.run_dir)) == untimed(read_metrics(blocks.run_dir))
     batch_steps = [r["step"] for r in read_metrics(blocks.run_dir) if r["type"] == "batch"]
     assert batch_steps == list(range(1, 21)) * 2  # every batch is still written
 
@@ -148,7 +144,7 @@ def test_ctrl_c_with_block_reads_stops_at_a_block_end_and_resumes_exactly(tmp_pa
     resumed = fit(None, resume=tmp_path / "stopped", data=tiny_data)
     for key, value in reference.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
-    assert _untimed(read_metrics(reference.run_dir)) == _untimed(read_metrics(resumed.run_dir))
+    assert untimed(read_metrics(reference.run_dir)) == untimed(read_metrics(resumed.run_dir))
 
 
 @pytest.mark.slow

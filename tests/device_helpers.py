@@ -1,13 +1,34 @@
-"""Checks shared by the device tests: what on CUDA would move data between host and device.
+"""What the device tests share: checks for what would move data between host and device on
+CUDA, data that a few steps already learn, and metrics without their timing fields.
 
 (A plain module, not a test file: `tests/` is on sys.path when pytest runs, whichever way it is started.)
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from digitlab.data import DigitData
+
+TIMING_FIELDS = {"train_seconds", "images_per_s", "eval_seconds"}
+
+
+def untimed(records: list[dict]) -> list[dict]:
+    """metrics.jsonl records without the fields that measure time (they differ run to run)."""
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+
+
+def bars(n: int, seed: int) -> DigitData:
+    """Class c: a bright horizontal bar on rows 2c+4..2c+6, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+    for c in range(10):
+        images[labels == c, 2 * c + 4 : 2 * c + 7, 4:24] = 255
+    return DigitData(images, labels, f"bars:{seed}")
 
 
 class HostTraffic(TorchDispatchMode):
