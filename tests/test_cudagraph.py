@@ -55,7 +55,7 @@ def test_a_graphed_step_off_cuda_calls_the_step_every_time() -> None:
 
     graphed = GraphedStep(step, torch.device("cpu"), warmup=1)
     assert [float(graphed()[0]) for _ in range(4)] == [1.0, 2.0, 3.0, 4.0]
-    assert not graphed.replaying
+    assert graphed.graph is None
 
 
 class _Trace(TorchDispatchMode):
@@ -206,6 +206,10 @@ def test_ctrl_c_then_resume_ends_with_the_uninterrupted_weights(stop_epoch: int,
     for key, value in reference.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
     assert untimed(read_metrics(reference.run_dir)) == untimed(read_metrics(resumed.run_dir))
+    # config.json follows the latest choice, so that a later resume (and its printed command) keeps it
+    record = json.loads((tmp_path / "stopped" / "config.json").read_text())
+    expected = True if graphs_after is None else graphs_after
+    assert record["config"]["cuda_graphs"] is expected and record["resolved"]["cuda_graphs"] is expected
 
 
 def test_resume_takes_the_graphs_flag_and_no_other(tmp_path: Path, capsys) -> None:
@@ -263,8 +267,8 @@ def test_a_failed_capture_stops_with_its_cause(monkeypatch) -> None:
     graphed = GraphedStep(step, torch.device("cpu"), warmup=0)
     graphed.side_stream = object()  # as on CUDA: capture after the warm-up calls
     with pytest.raises(DigitlabError, match=r"^CUDA graph capture failed \(RuntimeError: CUDA error: operation not "
-                       r"permitted when stream is capturing\); train without --cuda-graphs, or resume the run with "
-                       r"--no-cuda-graphs"):
+                       r"permitted when stream is capturing\); train without --cuda-graphs \(same results, slower\): "
+                       r"start the run again, or resume it with --no-cuda-graphs if it saved a checkpoint"):
         graphed()
 
 
@@ -275,11 +279,28 @@ def test_asking_for_graphs_where_there_are_none_trains_as_without(tmp_path: Path
     with caplog.at_level(logging.WARNING, logger="digitlab.train"):
         asked = fit(plain.with_overrides(cuda_graphs=True), tmp_path / "asked", data=data, progress=False)
     assert "--cuda-graphs: not used, they need a CUDA device" in caplog.text
+    for record in (json.loads((asked.run_dir / name).read_text()) for name in ("config.json", "model.json")):
+        assert record["config"]["cuda_graphs"] is False  # the records say what the run did
     reference = fit(plain, tmp_path / "plain", data=data, progress=False)
     for key, value in reference.model.state_dict().items():
         assert torch.equal(value, asked.model.state_dict()[key]), key
 
 
-def test_cuda_graphs_must_be_a_boolean() -> None:
+def test_cuda_graphs_must_be_a_boolean(tmp_path: Path) -> None:
     with pytest.raises(DigitlabError, match="cuda_graphs must be true or false"):
         get_preset("fast").with_overrides(cuda_graphs="yes").validate()
+    with pytest.raises(DigitlabError, match="cuda_graphs must be true or false"):  # "no" would be truthy
+        fit(get_preset("fast"), tmp_path / "run", data=(bars(512, 0), bars(128, 1)), cuda_graphs="no")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_ensemble_rerun_applies_its_graphs_setting_to_the_members_it_resumes(tmp_path: Path) -> None:
+    from digitlab.ensemble import MemberPlan, _member_command, _recipe_record
+
+    started = MemberPlan(0, 7, tmp_path / "member-0")
+    (started.run_dir).mkdir()
+    (started.run_dir / "checkpoint.safetensors").write_bytes(b"")  # what makes a member "started"
+    assert started.started
+    assert _member_command(tmp_path / "c.json", started, cuda_graphs=True)[-1] == "--cuda-graphs"
+    assert _member_command(tmp_path / "c.json", started, cuda_graphs=False)[-1] == "--no-cuda-graphs"
+    assert "cuda_graphs" not in _recipe_record(get_preset("best").with_overrides(cuda_graphs=True))

@@ -289,6 +289,19 @@ def test_kaggle_bad_row_names_file_and_line(tmp_path, train_lines, case):
     assert message(excinfo) == f"{path}: {expected}"
 
 
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_kaggle_hex_cell_is_refused_whatever_the_line_ends(tmp_path, train_lines, newline):
+    """pyarrow takes old-Mac line ends (a bare CR) too: the hex check must find where the header ends there."""
+    lines = list(train_lines)
+    path = tmp_path / "bad.csv"
+    path.write_bytes(newline.join(lines).encode() + newline.encode())
+    assert load_kaggle_csv(path).fingerprint == load_kaggle_csv(tmp_path / "good.csv").fingerprint
+    lines[2] = _set_cell(lines[2], 3, "0xFF")
+    path.write_bytes(newline.join(lines).encode() + newline.encode())
+    with pytest.raises(DigitlabError, match=r"pixel2 is '0xFF', expected an integer"):
+        load_kaggle_csv(path)
+
+
 def test_kaggle_header_with_spaces_is_read_like_a_clean_one(tmp_path, train_lines):
     """`label, pixel0, ...` passes the header check; the pixel columns must still be integers."""
     data = load_kaggle_csv(tmp_path / "good.csv")

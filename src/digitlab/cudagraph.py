@@ -1,10 +1,10 @@
-"""The training step replayed as CUDA graphs: a few launches per step instead of a few hundred.
+"""The training step replayed as CUDA graphs: 10-17 launches per step instead of 80-370.
 
-A step of digitlab's small networks is 300-700 kernels of a few microseconds each (gather,
-augmentation, forward, backward, optimizer, EMA). Launched one by one from Python, the GPU waits
-for the host most of the time. Captured once as a CUDA graph, the gather-to-backward part is one
-launch, and the EMA's update another; the optimizer steps between them as it always does (fused
-Adam is one kernel already).
+A step of digitlab's small networks is 80-370 kernels of a few microseconds each (gather,
+augmentation, forward, backward, optimizer, EMA; counted by benchmarks/step_ops.py). Launched one
+by one from Python, the GPU waits for the host most of the time. Captured once as a CUDA graph,
+the gather-to-backward part is one launch, and the EMA's update another; the optimizer steps
+between them as it always does (fused Adam is one kernel already).
 
 A captured graph repeats the very kernels it recorded, with the very arguments and addresses, so
 what a graph reads must not change as a Python number or move in memory between steps: the
@@ -64,10 +64,6 @@ class GraphedStep:
         self.outputs: Sequence[torch.Tensor] = ()
         self.side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    @property
-    def replaying(self) -> bool:
-        return self.graph is not None
-
     def __call__(self) -> list[torch.Tensor]:
         self.calls += 1
         if self.side_stream is None:
@@ -103,7 +99,8 @@ class GraphedStep:
             cause = exc.__context__ if isinstance(exc.__context__, Exception) else exc
             first_line = (str(cause).splitlines() or [""])[0]
             raise DigitlabError(
-                f"CUDA graph capture failed ({type(cause).__name__}: {first_line}); train without --cuda-graphs, "
-                "or resume the run with --no-cuda-graphs (same results, slower)"
+                f"CUDA graph capture failed ({type(cause).__name__}: {first_line}); train without --cuda-graphs "
+                "(same results, slower): start the run again, or resume it with --no-cuda-graphs if it saved a "
+                "checkpoint; rerun an ensemble without the flag"
             ) from exc
         self.graph, self.outputs = graph, outputs

@@ -30,7 +30,7 @@ from digitlab.checkpoint import (
     read_train_hashes,
     write_train_hashes,
 )
-from digitlab.config import TrainConfig
+from digitlab.config import SPEED_ONLY_FIELDS, TrainConfig
 from digitlab.errors import DigitlabError
 from digitlab.rundir import CONFIG_FILE, ENSEMBLE_FILE, MEMBER_PREFIX, MODEL_META, STATE_FILE
 
@@ -172,7 +172,7 @@ def _train_in_process(config: TrainConfig, plan: MemberPlan, callbacks: Iterable
                       progress: bool = True) -> None:
     from digitlab.train import fit
 
-    if plan.started:  # the rerun's --cuda-graphs holds for its resumed members too (speed only)
+    if plan.started:  # the rerun's --cuda-graphs (or its absence) holds for its resumed members too
         fit(None, resume=plan.run_dir, callbacks=callbacks, progress=progress, cuda_graphs=config.cuda_graphs)
     else:
         fit(config.with_overrides(seed=plan.seed), plan.run_dir, callbacks=callbacks, progress=progress)
@@ -294,6 +294,11 @@ def train_ensemble(
     return out_dir
 
 
+def _recipe_record(recipe: TrainConfig) -> dict[str, Any]:
+    """A recipe as ensemble.json keeps it: what the members compute, not how fast the last rerun ran."""
+    return {k: v for k, v in recipe.to_dict().items() if k not in SPEED_ONLY_FIELDS}
+
+
 def _manifest(recipes: list[TrainConfig], plans: list[MemberPlan], weights: str) -> dict[str, Any]:
     """ensemble.json: members, their seeds and recipes, and how their probabilities are averaged."""
     manifest: dict[str, Any] = {
@@ -302,11 +307,11 @@ def _manifest(recipes: list[TrainConfig], plans: list[MemberPlan], weights: str)
         "members": [p.run_dir.name for p in plans],
         "seeds": [p.seed for p in plans],
         "presets": [recipes[p.recipe].preset for p in plans],
-        "config": recipes[0].to_dict(),
+        "config": _recipe_record(recipes[0]),
         "weighting": weights,
     }
     if len(recipes) > 1:
-        manifest["configs"] = [r.to_dict() for r in recipes]
+        manifest["configs"] = [_recipe_record(r) for r in recipes]
     if weights == "logloss":
         manifest["weights"] = logloss_weights([p.run_dir for p in plans])
     elif weights == "greedy":

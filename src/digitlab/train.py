@@ -613,6 +613,8 @@ def fit(
     run = _open_run(config, out_dir, resume, callbacks, data, cuda_graphs)
     if resume is not None:
         _restore(run)
+        if run.ctx.is_main:
+            _record_speed_settings(run)
     elif run.ctx.is_main:
         _write_run_config(run)
     run.emit({"event": "start", "run_dir": str(run.run_dir), "config": run.config,
@@ -667,7 +669,7 @@ def _open_run(config: TrainConfig | None, out_dir: str | Path | None, resume: st
     ctx = distributed.context_from_env()
     config, run_dir, restart = _run_folder(config, out_dir, resume)
     if cuda_graphs is not None:
-        config = dataclasses.replace(config, cuda_graphs=cuda_graphs)
+        config = dataclasses.replace(config, cuda_graphs=cuda_graphs).validate()
     if config.batch_size % ctx.world_size:
         raise DigitlabError(f"batch size {config.batch_size} does not split evenly over {ctx.world_size} processes")
 
@@ -694,7 +696,10 @@ def _open_run(config: TrainConfig | None, out_dir: str | Path | None, resume: st
     def on_device(array: Any) -> torch.Tensor:
         return torch.from_numpy(array).to(device)
 
-    trainer = _build_trainer(config, ctx, device, precision, epoch_steps, _use_graphs(config, device, ctx))
+    graphs = _use_graphs(config, device, ctx)
+    if graphs != config.cuda_graphs:  # asked for where there are none: the run's records say what it does
+        config = dataclasses.replace(config, cuda_graphs=graphs)
+    trainer = _build_trainer(config, ctx, device, precision, epoch_steps, graphs)
     if config.outliers > 0:
         trainer.outlier_pool = on_device(outlier_pool(config, train_data))
     return _Run(
@@ -738,6 +743,18 @@ def _write_run_config(run: _Run) -> None:
         "started": datetime.now().isoformat(timespec="seconds"),
     })
     ckpt.write_train_hashes(run.run_dir, run.train_data.image_hashes())  # so evaluation can leave them out
+
+
+def _record_speed_settings(run: _Run) -> None:
+    """A resume may change a speed-only setting (--cuda-graphs): config.json then records the new one,
+    which a later resume, and the resume command printed after a Ctrl-C, keep."""
+    path = run.run_dir / CONFIG_FILE
+    record = json.loads(path.read_text())
+    if record["config"].get("cuda_graphs") == run.config.cuda_graphs:
+        return
+    record["config"]["cuda_graphs"] = run.config.cuda_graphs
+    record.setdefault("resolved", {})["cuda_graphs"] = run.trainer.graphs
+    ckpt.atomic_write_json(path, record)
 
 
 def _restore(run: _Run) -> None:

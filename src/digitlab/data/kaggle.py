@@ -25,6 +25,8 @@ TRAIN_HEADER = ["label", *PIXEL_COLUMNS]
 # also hexadecimal ("0x5", "0XFF"), which `_has_hex` sends to the diagnostic pass instead.
 # Python's int() also takes "+5", "1_0" and non-ASCII digits, which pyarrow refuses.
 _INTEGER = re.compile(r"[ \t]*-?[0-9]+[ \t]*")
+_LINE_END = re.compile(rb"\r\n?|\n")
+_HEX_MARK = re.compile(rb"[xX]")
 
 
 def _check_header(path: Path, header: list[str]) -> bool:
@@ -52,12 +54,15 @@ def _check_header(path: Path, header: list[str]) -> bool:
 
 
 def _has_hex(path: Path) -> bool:
-    """An x or X anywhere after the header: pyarrow would read a cell "0x5" as 5, silently."""
+    """An x or X anywhere after the header ("pixel0,..."): pyarrow would read a cell "0x5" as 5, silently."""
     with path.open("rb") as fh:
-        fh.readline()
-        while chunk := fh.read(1 << 24):
-            if b"x" in chunk or b"X" in chunk:
+        chunk = fh.read(1 << 24)
+        header_end = _LINE_END.search(chunk)  # \n, \r\n or a bare \r, as pyarrow accepts
+        chunk = chunk[header_end.end() :] if header_end else b""
+        while chunk:
+            if _HEX_MARK.search(chunk):
                 return True
+            chunk = fh.read(1 << 24)
     return False
 
 
