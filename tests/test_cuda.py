@@ -27,11 +27,11 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
+
 @pytest.fixture(scope="module")
 def data() -> tuple[DigitData, DigitData]:
     # 4,096 images: 128 steps an epoch at batch 32, so a Ctrl-C lands inside an epoch's 50-step blocks
     return bars(4096, 0), bars(512, 1)
-
 
 
 @pytest.mark.parametrize("preset", list_presets())
