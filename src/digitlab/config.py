@@ -265,8 +265,8 @@ class TrainConfig:
         """(field, recorded value, this config's value) for every field in which a recorded config
         (a checkpoint's, a run folder's config.json) differs from this one. A field the record
         lacks was added to digitlab since it was written and is not a change; so are the
-        augmentation's fields added since (off by default). `cuda_graphs` is never a change: it
-        changes how fast the steps run, not what they compute."""
+        augmentation's fields added since (off by default). SPEED_ONLY_FIELDS are never a change:
+        they change how fast the steps run, not what they compute."""
         if not isinstance(recorded, dict):
             return []
         current = json.loads(json.dumps(self.to_dict()))  # tuples as JSON lists, as records hold them
