@@ -31,11 +31,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from digitlab.abstain import abstain_reasons, ink_stats, min_confidence
 from digitlab.data import load_source
+from digitlab.data.preprocess import mnist_style
 from digitlab.data.split import split
 from digitlab.errors import DigitlabError
 from digitlab.inference import load_predictor
 from digitlab.overlap import validation_data
-from digitlab.preprocess import mnist_style
 
 SIDE = 200
 # Letters whose glyphs are digits in many hands (O/0, l/I/1, S/5, Z/2, B/8, g/q/9, b/6, G/6, T/7)

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from digitlab.abstain import abstain_reasons, min_confidence
+from digitlab.data.preprocess import mnist_style
 from digitlab.errors import DigitlabError
 from digitlab.evaluate import wilson_interval
 from digitlab.inference import load_predictor, predict_proba
-from digitlab.preprocess import mnist_style
 
 
 def uci_digits() -> tuple[np.ndarray, np.ndarray]:

@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from digitlab.abstain import abstain_reason, ink_stats
-from digitlab.preprocess import mnist_style
+from digitlab.data.preprocess import mnist_style
 
 CONFIDENT = np.eye(10, dtype=np.float32)[3]
 UNSURE = np.full(10, 0.1, dtype=np.float32)

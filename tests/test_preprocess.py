@@ -9,8 +9,8 @@ import pytest
 from matplotlib import font_manager
 from PIL import Image, ImageDraw, ImageFont
 
+from digitlab.data.preprocess import CENTRE, load_image_file, mnist_style
 from digitlab.errors import DigitlabError
-from digitlab.preprocess import CENTRE, load_image_file, mnist_style
 
 FONT = font_manager.findfont("DejaVu Sans")
 

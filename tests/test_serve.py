@@ -16,8 +16,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from digitlab.data import DigitData
+from digitlab.data.preprocess import mnist_style
 from digitlab.inference import load_predictor
-from digitlab.preprocess import mnist_style
 from digitlab.serve import Limits, create_app
 from digitlab.serve.app import STATIC_DIR
 
@@ -128,7 +128,7 @@ def test_predict_upload_png_and_jpeg(client: TestClient) -> None:
 
 
 def test_upload_gets_the_same_preprocessing_as_predict(client: TestClient, tmp_path: Path) -> None:
-    from digitlab.preprocess import load_image_file
+    from digitlab.data.preprocess import load_image_file
 
     path = tmp_path / "one.png"
     rgba = _drawn_one().convert("RGBA")
@@ -138,7 +138,7 @@ def test_upload_gets_the_same_preprocessing_as_predict(client: TestClient, tmp_p
 
 
 def test_upload_with_exif_orientation_is_read_upright(client: TestClient, tmp_path: Path) -> None:
-    from digitlab.preprocess import load_image_file
+    from digitlab.data.preprocess import load_image_file
 
     exif = Image.Exif()
     exif[0x0112] = 8  # "rotate 90 degrees counter-clockwise to display"

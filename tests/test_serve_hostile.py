@@ -135,15 +135,15 @@ def test_a_small_file_with_too_many_pixels_is_refused_before_decoding(app) -> No
 
 
 def test_a_large_jpeg_is_reduced_while_decoding(predictor, monkeypatch: pytest.MonkeyPatch) -> None:
-    import digitlab.preprocess
+    import digitlab.data.preprocess
 
-    real, seen = digitlab.preprocess.mnist_style, []
+    real, seen = digitlab.data.preprocess.mnist_style, []
 
     def spy(image, **kwargs):
         seen.append(image.size)
         return real(image, **kwargs)
 
-    monkeypatch.setattr(digitlab.preprocess, "mnist_style", spy)  # create_app imports it when called
+    monkeypatch.setattr(digitlab.data.preprocess, "mnist_style", spy)  # create_app imports it when called
     client = TestClient(create_app(predictor))
     data = _encode(_digit(4096, "RGB"), "JPEG")
     response = client.post("/v1/predict", files={"file": ("big.jpg", data, "image/jpeg")})
@@ -152,9 +152,9 @@ def test_a_large_jpeg_is_reduced_while_decoding(predictor, monkeypatch: pytest.M
 
 
 def test_uploads_decode_at_most_max_decoding_at_once(predictor, monkeypatch: pytest.MonkeyPatch) -> None:
-    import digitlab.preprocess
+    import digitlab.data.preprocess
 
-    real, active, peak = digitlab.preprocess.mnist_style, [0], [0]
+    real, active, peak = digitlab.data.preprocess.mnist_style, [0], [0]
     lock = threading.Lock()
 
     def slow(image, **kwargs):
@@ -168,7 +168,7 @@ def test_uploads_decode_at_most_max_decoding_at_once(predictor, monkeypatch: pyt
             with lock:
                 active[0] -= 1
 
-    monkeypatch.setattr(digitlab.preprocess, "mnist_style", slow)
+    monkeypatch.setattr(digitlab.data.preprocess, "mnist_style", slow)
     app = create_app(predictor, limits=Limits(max_decoding=2))
     data = _encode(_digit(600, "RGB"), "PNG")  # over 512x512: decoded in one of the slots
 

@@ -50,7 +50,7 @@ _API = {
     "confusion_figure": "digitlab.figures",
     "per_class_error_figure": "digitlab.figures",
     "mistakes_figure": "digitlab.figures",
-    "mnist_style": "digitlab.preprocess",
+    "mnist_style": "digitlab.data.preprocess",
     "export_onnx": "digitlab.export",
     "create_app": "digitlab.serve",
 }

@@ -21,7 +21,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 SOURCE_HELP = (
     "data source: mnist, mnist:train, mnist:test, idx:DIR, idx:DIR:test, kaggle:PATH (train.csv or "
-    "test.csv), images:DIR (class sub-folders 0/..9/)"
+    "test.csv), images:DIR (class sub-folders 0/..9/ of PNG/JPEG files, made MNIST-style as predict does)"
 )
 
 

@@ -113,7 +113,7 @@ def pair(rng: np.random.Generator, digits: np.ndarray) -> Image.Image:
 
 def non_digit_images(count: int, seed: int, digits: np.ndarray) -> np.ndarray:
     """uint8 (count, 28, 28): the kinds above in equal shares, preprocessed as uploads are."""
-    from digitlab.preprocess import mnist_style
+    from digitlab.data.preprocess import mnist_style
 
     rng = np.random.default_rng(seed)
     kinds: list[Callable[[np.random.Generator], Image.Image]] = [

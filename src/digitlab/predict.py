@@ -23,11 +23,11 @@ from digitlab.checkpoint import atomic_write_bytes
 from digitlab.data.idx import read_idx
 from digitlab.data.images import IMAGE_SUFFIXES
 from digitlab.data.kaggle import load_kaggle_csv
+from digitlab.data.preprocess import load_image_file
 from digitlab.errors import DigitlabError
 from digitlab.export import open_predictor
 from digitlab.inference import ProbabilityModel, predict_proba
 from digitlab.pixels import PIXELS, as_uint8_images
-from digitlab.preprocess import load_image_file
 
 log = logging.getLogger(__name__)
 

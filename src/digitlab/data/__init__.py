@@ -15,7 +15,7 @@ from digitlab.errors import DigitlabError
 # Readers load on first use: the server, which reads no CSV, then never imports pyarrow.
 _LAZY = {
     "load_idx_dir": "idx", "read_idx": "idx", "write_idx": "idx", "write_idx_dir": "idx",
-    "load_image_folder": "images",
+    "load_image_folder": "preprocess",
     "load_kaggle_csv": "kaggle", "write_kaggle_csv": "kaggle",
     "load_mnist_arrays": "offline",
 }

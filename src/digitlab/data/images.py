@@ -1,7 +1,7 @@
-"""A folder of PNG/JPEG digits in class sub-folders `0/`..`9/`, read as plain grey 28x28.
+"""Reading untrusted image files: size caps checked from the header, EXIF orientation, 16-bit and
+transparency handled, every failure one DigitlabError naming the file.
 
-For photos and drawings that should look like MNIST digits, see `digitlab.predict`'s
-MNIST-style preprocessing; this loader only resizes.
+`digitlab.data.preprocess` turns what these return into MNIST-style digits.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from digitlab.data.dataset import DigitData
-from digitlab.errors import DigitlabError, missing
+from digitlab.errors import DigitlabError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 # Checked from the header before decoding: a 32 KB PNG can say 10000x10000 and decode to
@@ -107,37 +106,3 @@ def read_image(path: Path) -> Image.Image:
     except ValueError:
         raise DigitlabError(f"{path}: Pillow cannot convert its {image.mode} colours to grey, "
                             "expected a grey, RGB or palette image") from None
-
-
-def read_grey(path: Path) -> Image.Image:
-    """Open an image file as 8-bit grey (transparency onto white)."""
-    return flatten_grey(read_image(path))
-
-
-def plain_resize(img: Image.Image) -> np.ndarray:
-    """Grey 28x28, inverted when the background is light so ink is bright as in MNIST."""
-    array = np.asarray(img.resize((28, 28), Image.Resampling.LANCZOS), dtype=np.uint8)
-    border = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
-    if np.median(border) > 127:
-        array = 255 - array
-    return array
-
-
-def load_image_folder(directory: str | Path) -> DigitData:
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise missing(directory, "a folder of images in class sub-folders 0/ .. 9/", folder=True)
-    images, labels = [], []
-    for label in range(10):
-        class_dir = directory / str(label)
-        if not class_dir.is_dir():
-            continue
-        for path in sorted(class_dir.iterdir()):
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                images.append(plain_resize(read_grey(path)))
-                labels.append(label)
-    if not images:
-        raise DigitlabError(
-            f"{directory}: no images found; expected PNG/JPEG files in class sub-folders 0/ .. 9/"
-        )
-    return DigitData(np.stack(images), np.array(labels, dtype=np.int64), f"images:{directory}")

@@ -444,7 +444,7 @@ class _Pipeline:
         self.large_decodes = asyncio.Semaphore(limits.max_decoding)
 
     def preprocess_upload(self, data: bytes, large: bool) -> np.ndarray:
-        from digitlab.preprocess import mnist_style_or_blank
+        from digitlab.data.preprocess import mnist_style_or_blank
 
         image = decode_upload(data, self.limits)
         try:
