@@ -29,7 +29,7 @@ import numpy as np
 from digitlab.abstain import abstain_reasons, min_confidence
 from digitlab.data.preprocess import mnist_style
 from digitlab.errors import DigitlabError
-from digitlab.evaluate import wilson_interval
+from digitlab.evaluate import evaluate_predictions, wilson_interval
 from digitlab.inference import load_predictor, predict_proba
 
 
@@ -61,28 +61,21 @@ class Score:
 def score(run: Path, images: np.ndarray, labels: np.ndarray, tta: bool) -> Score:
     predictor = load_predictor(run, precision="fp32")
     probs = predict_proba(predictor, images, tta=tta)
-    pred = probs.argmax(1)
-    correct = pred == labels
+    result = evaluate_predictions(probs, labels)
+    correct = probs.argmax(1) == labels
     flagged = np.array([r is not None for r in abstain_reasons(images, probs, min_confidence(predictor.meta))])
-    kept = ~flagged
+    mistakes = result.confusion * (1 - np.eye(10, dtype=np.int64))
+    top = np.argsort(mistakes, axis=None, kind="stable")[::-1][:3]
     return Score(
-        accuracy=float(correct.mean()),
-        interval=wilson_interval(int(correct.sum()), len(labels)),
-        recall=[float(correct[labels == k].mean()) for k in range(10)],
+        accuracy=result.accuracy,
+        interval=wilson_interval(result.correct, result.total),
+        recall=[c.recall for c in result.per_class],
         uncertain=float(flagged.mean()),
-        accuracy_of_rest=float(correct[kept].mean()) if kept.any() else float("nan"),
-        errors=int((~correct).sum()),
+        accuracy_of_rest=float(correct[~flagged].mean()) if (~flagged).any() else float("nan"),
+        errors=result.errors,
         errors_flagged=int((~correct & flagged).sum()),
-        confusions={f"{t}->{p}": n for (t, p), n in _top_confusions(labels, pred)},
+        confusions={f"{i // 10}->{i % 10}": int(mistakes.flat[i]) for i in top if mistakes.flat[i] > 0},
     )
-
-
-def _top_confusions(labels: np.ndarray, pred: np.ndarray, n: int = 3) -> list[tuple[tuple[int, int], int]]:
-    matrix = np.zeros((10, 10), np.int64)
-    np.add.at(matrix, (labels, pred), 1)
-    np.fill_diagonal(matrix, 0)
-    order = np.argsort(matrix, axis=None)[::-1][:n]
-    return [((int(i // 10), int(i % 10)), int(matrix.flat[i])) for i in order if matrix.flat[i] > 0]
 
 
 def main() -> None:
