@@ -161,7 +161,7 @@ def load_image_folder(directory: str | Path) -> DigitData:
     """The `images:DIR` source: image files in class sub-folders `0/`..`9/`, each read by
     `load_image_file`, so `evaluate --data images:DIR` scores what `predict` answers for those files.
     MNIST's own digits, already made this way, pass nearly unchanged (3,000 of MNIST test: 0.26 grey
-    levels apart on average, 1% of pixels by more than 2, and three presets' accuracy on them unchanged)."""
+    levels apart on average, 1% of pixels by more than 2; three presets' accuracy moved by at most one image)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise missing(directory, "a folder of images in class sub-folders 0/ .. 9/", folder=True)
