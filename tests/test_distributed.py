@@ -35,10 +35,28 @@ RANK_SCRIPT = textwrap.dedent(
 )
 
 
-def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+# Killed at its step 3 of epoch 2 by rank 0 (the only rank that sees events); torchrun then ends the others.
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from digitlab.presets import get_preset
+    from digitlab.train import fit
+
+    def kill(event):
+        if sys.argv[3] == "kill" and event["event"] == "batch" and event["epoch"] == 2 and event["step"] == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    config = get_preset("quick").with_overrides(data="kaggle:" + sys.argv[1], epochs=3, batch_size=48,
+                                                val_split=0.2, lr=3e-3)
+    fit(config, sys.argv[2], callbacks=[kill])
+    """
+)
+
+
+def _torchrun(*args: str, cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes), *args],
         capture_output=True, text=True, env=env, cwd=cwd, timeout=300,
     )
 
@@ -77,3 +95,29 @@ def test_torchrun_module_cli(tmp_path: Path, csv_3000: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("validation accuracy") == 1  # printed by rank 0 only
     assert (tmp_path / "run" / "model.json").is_file()
+
+
+def _untimed(run: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.endswith(("seconds", "_per_s"))} for r in read_metrics(run)]
+
+
+def test_three_processes_killed_then_resumed_end_as_if_never_stopped(tmp_path: Path, csv_3000: Path) -> None:
+    # Three ranks, because two hide the failure: a sum of two gradients is the same in either order,
+    # while DDP's own all-reduce adds three in an order that changes with its bucket layout, which a
+    # resumed process builds afresh (the weights then differed in their last bits).
+    script = tmp_path / "rank.py"
+    script.write_text(KILL_SCRIPT)
+    reference = _torchrun(str(script), str(csv_3000), str(tmp_path / "reference"), "run", cwd=tmp_path, processes=3)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    run = tmp_path / "killed"
+    killed = _torchrun(str(script), str(csv_3000), str(run), "kill", cwd=tmp_path, processes=3)
+    assert killed.returncode != 0, killed.stderr[-3000:]
+    assert not (run / "model.safetensors").exists()
+    assert [r["epoch"] for r in read_metrics(run) if r["type"] == "epoch"] == [1]  # died in epoch 2
+    resumed = _torchrun("-m", "digitlab", "train", "--resume", str(run), "--quiet", cwd=tmp_path, processes=3)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    w_ref = load_file(str(tmp_path / "reference" / "model.safetensors"))
+    w_run = load_file(str(run / "model.safetensors"))
+    assert w_ref.keys() == w_run.keys()
+    assert [k for k in w_ref if not torch.equal(w_ref[k], w_run[k])] == []
+    assert _untimed(run) == _untimed(tmp_path / "reference")

@@ -533,7 +533,7 @@ def _build_trainer(config: TrainConfig, ctx: DistContext, device: torch.device, 
     ema = build_ema(model, config.ema_decay)
     if ctx.enabled:
         torch.manual_seed(config.seed + ctx.rank)  # but different dropout masks
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        model = distributed.data_parallel(model, device)
     optimizer = build_optimizer(model, config)
     scheduler, when = build_scheduler(optimizer, config, epoch_steps)
     return Trainer(model, optimizer, scheduler, when == "step", ema, config, precision, device,
