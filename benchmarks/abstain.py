@@ -6,10 +6,11 @@ The non-digit set is drawn here, seeded, on a 200x200 canvas and sent through th
 MNIST-style preprocessing as an upload from the drawing page: dots, flat lines, scribbles,
 letters rendered from fonts (Debian's DejaVu/Liberation when installed, else Pillow's default
 font), salt-and-pepper noise, and two MNIST test digits side by side. Also prints the ink
-statistics of the run's validation split of mnist:train that the thresholds in
-digitlab.abstain were read from. Targets (issue 13): <= 0.5% of MNIST test flagged, >= 90%
-of the non-digit set flagged. `--validation` takes the digits from the run's own held-out split
-(choose recipes and thresholds there, never on MNIST test).
+statistics of the run's validation split of mnist:train that the thresholds in digitlab.abstain
+were read from, as written and as drawn with a marker (corruptions.thick_stroke). Targets
+(issue 13): <= 0.5% of MNIST test flagged, >= 90% of the non-digit set flagged. `--validation`
+takes the digits from the run's own held-out split (choose recipes and thresholds there, never
+on MNIST test).
 
 Runs trained with outlier exposure (`outliers` > 0) saw non-digits from `digitlab.outliers`,
 which are drawn differently on purpose (Bezier strokes, Pillow's built-in font, training digits),
@@ -30,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from digitlab.abstain import abstain_reasons, ink_stats, min_confidence
+from digitlab.corruptions import thick_stroke
 from digitlab.data import load_source
 from digitlab.data.preprocess import mnist_style
 from digitlab.data.split import split
@@ -120,15 +122,20 @@ def non_digits(per_kind: int, seed: int, digits: np.ndarray) -> dict[str, np.nda
 def validation_quantiles(meta: dict) -> None:
     config = meta.get("config", {})
     data = load_source(config.get("data", "mnist:train"))
-    _, val_idx = split(data.labels, float(config.get("val_split", 0.1)), int(config.get("seed", 0)))
-    stats = [ink_stats(i) for i in data.images[val_idx]]
+    val_split = float(config.get("val_split", 0.1))
+    if val_split <= 0:
+        print("ink statistics: not shown, the run was trained without a validation split")
+        return
+    _, val_idx = split(data.labels, val_split, int(config.get("seed", 0)))
+    digits = data.images[val_idx]
     print(f"ink statistics of {len(val_idx):,} validation digits of {data.source} (min, 0.1%, 99.9%, max):")
-    for name in ("pixels", "height", "fill", "components"):
-        v = np.array([getattr(s, name) for s in stats], float)
-        print(f"  {name:10s} {v.min():7.2f} {np.quantile(v, 0.001):7.2f} {np.quantile(v, 0.999):7.2f} {v.max():7.2f}")
-    wide = np.array([s.fill for s in stats if s.width >= 8])
-    print(f"  fill (box >= 8 wide) 99.9% {np.quantile(wide, 0.999):.3f}, max {wide.max():.3f}; "
-          f"side by side {sum(s.side_by_side for s in stats)}")
+    for label, images in (("", digits), ("marker ", thick_stroke(digits, 0))):
+        stats = [ink_stats(i) for i in images]
+        for name in ("pixels", "height", "radius", "components"):
+            v = np.array([getattr(s, name) for s in stats], float)
+            print(f"  {label + name:17s} {v.min():7.2f} {np.quantile(v, 0.001):7.2f} {np.quantile(v, 0.999):7.2f} "
+                  f"{v.max():7.2f}")
+        print(f"  {label}side by side {sum(s.side_by_side for s in stats)}")
 
 
 def main() -> None:
