@@ -1,4 +1,4 @@
-"""Data-parallel training with torchrun: two CPU processes over gloo on loopback."""
+"""Data-parallel training with torchrun: two or three CPU processes over gloo on loopback."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from digitlab.data import DigitData, write_kaggle_csv
 from digitlab.train import read_metrics
 
-pytestmark = pytest.mark.slow  # two processes each: ~10 s a test
+pytestmark = pytest.mark.slow  # ~10 s a test with two processes, ~45 s for the three-process resume
 
 RANK_SCRIPT = textwrap.dedent(
     """

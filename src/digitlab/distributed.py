@@ -99,7 +99,11 @@ def ordered_mean_hook(process_group: dist.ProcessGroup | None,
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
 
     def mean(fut: torch.futures.Future) -> torch.Tensor:
-        fut.wait()
+        fut.wait()  # on CUDA: this callback's stream waits for the gather
+        if local.is_cuda:  # `parts` are read on that stream, and freed once this returns
+            stream = torch.cuda.current_stream(local.device)
+            for part in parts:
+                part.record_stream(stream)
         total = parts[0].clone()
         for part in parts[1:]:
             total.add_(part)
