@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from device_helpers import untimed
 from digitlab.data import DigitData, write_kaggle_csv
 from digitlab.train import read_metrics
 
@@ -97,10 +98,6 @@ def test_torchrun_module_cli(tmp_path: Path, csv_3000: Path) -> None:
     assert (tmp_path / "run" / "model.json").is_file()
 
 
-def _untimed(run: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.endswith(("seconds", "_per_s"))} for r in read_metrics(run)]
-
-
 def test_three_processes_killed_then_resumed_end_as_if_never_stopped(tmp_path: Path, csv_3000: Path) -> None:
     # Three ranks, because two hide the failure: a sum of two gradients is the same in either order,
     # while DDP's own all-reduce adds three in an order that changes with its bucket layout, which a
@@ -120,4 +117,4 @@ def test_three_processes_killed_then_resumed_end_as_if_never_stopped(tmp_path: P
     w_run = load_file(str(run / "model.safetensors"))
     assert w_ref.keys() == w_run.keys()
     assert [k for k in w_ref if not torch.equal(w_ref[k], w_run[k])] == []
-    assert _untimed(run) == _untimed(tmp_path / "reference")
+    assert untimed(read_metrics(run)) == untimed(read_metrics(tmp_path / "reference"))

@@ -17,17 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from device_helpers import untimed
 from digitlab.cli import main
 from digitlab.data import DigitData, write_kaggle_csv
 from digitlab.errors import DigitlabError
 from digitlab.presets import get_preset
 from digitlab.train import TrainingInterrupted, fit, read_metrics
-
-TIMING_FIELDS = {"train_seconds", "images_per_s", "eval_seconds"}
-
-
-def _untimed(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -110,7 +105,7 @@ def test_same_seed_same_metrics_and_ctrl_c_resume_is_bit_identical(tmp_path: Pat
     config = _tiny_config(csv_640)
     reference = fit(config, tmp_path / "reference")
     again = fit(config, tmp_path / "again")
-    assert _untimed(read_metrics(reference.run_dir)) == _untimed(read_metrics(again.run_dir))
+    assert untimed(read_metrics(reference.run_dir)) == untimed(read_metrics(again.run_dir))
     _assert_same_weights(reference.run_dir, again.run_dir)
 
     def ctrl_c(event: dict) -> None:  # a real SIGINT to ourselves, mid-epoch
@@ -124,7 +119,7 @@ def test_same_seed_same_metrics_and_ctrl_c_resume_is_bit_identical(tmp_path: Pat
     assert not (tmp_path / "stopped" / "model.safetensors").exists()
     resumed = fit(config, resume=tmp_path / "stopped")
     _assert_same_weights(reference.run_dir, resumed.run_dir)
-    assert _untimed(read_metrics(reference.run_dir)) == _untimed(read_metrics(resumed.run_dir))
+    assert untimed(read_metrics(reference.run_dir)) == untimed(read_metrics(resumed.run_dir))
 
 
 KILL_SCRIPT = textwrap.dedent(
@@ -154,7 +149,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path: Path, csv_640:
     assert [r["epoch"] for r in read_metrics(run) if r["type"] == "epoch"] == [1]
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     _assert_same_weights(reference.run_dir, run)
-    assert _untimed(read_metrics(reference.run_dir)) == _untimed(read_metrics(run))
+    assert untimed(read_metrics(reference.run_dir)) == untimed(read_metrics(run))
 
 
 @pytest.mark.slow
