@@ -1,13 +1,18 @@
 """What the device tests share: checks for what would move data between host and device on
-CUDA, data that a few steps already learn, and metrics without their timing fields.
+CUDA, data that a few steps already learn, metrics without their timing fields, and the
+bit-for-bit comparison of two models' weights.
 
 (A plain module, not a test file: `tests/` is on sys.path when pytest runs, whichever way it is started.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -19,6 +24,14 @@ TIMING_FIELDS = {"train_seconds", "images_per_s", "eval_seconds"}
 def untimed(records: list[dict]) -> list[dict]:
     """metrics.jsonl records without the fields that measure time (they differ run to run)."""
     return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+
+
+def assert_same_weights(a: Mapping[str, torch.Tensor] | Path, b: Mapping[str, torch.Tensor] | Path) -> None:
+    """Two state dicts, or two safetensors files, hold the same tensors bit for bit; names the ones that differ."""
+    wa = load_file(str(a)) if isinstance(a, Path) else a
+    wb = load_file(str(b)) if isinstance(b, Path) else b
+    assert wa.keys() == wb.keys()
+    assert [k for k in wa if not torch.equal(wa[k], wb[k])] == []
 
 
 def bars(n: int, seed: int) -> DigitData:

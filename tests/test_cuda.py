@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from device_helpers import bars, untimed
+from device_helpers import assert_same_weights, bars, untimed
 from digitlab.data import DigitData
 from digitlab.presets import get_preset, list_presets
 from digitlab.train import TrainingInterrupted, fit, read_metrics, steps_per_epoch
@@ -61,8 +61,7 @@ def test_ctrl_c_then_resume_on_cuda_ends_with_the_same_weights(preset: str, stop
         fit(config, tmp_path / "stopped", callbacks=[ctrl_c], data=data)
     assert stop.value.step == 50  # a GPU reads losses, and honours Ctrl-C, every 50 steps
     resumed = fit(None, resume=tmp_path / "stopped", data=data)
-    for key, value in reference.model.state_dict().items():
-        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    assert_same_weights(reference.model.state_dict(), resumed.model.state_dict())
     assert untimed(read_metrics(reference.run_dir)) == untimed(read_metrics(resumed.run_dir))
 
 
@@ -75,8 +74,7 @@ def test_cuda_graphs_train_exactly_as_without(preset: str, tmp_path: Path, data,
     with caplog.at_level(logging.WARNING):
         graphed = fit(config.with_overrides(cuda_graphs=True), tmp_path / "graphed", data=data)
     assert "not used" not in caplog.text
-    for key, value in eager.model.state_dict().items():
-        assert torch.equal(value, graphed.model.state_dict()[key]), key
+    assert_same_weights(eager.model.state_dict(), graphed.model.state_dict())
     assert untimed(read_metrics(eager.run_dir)) == untimed(read_metrics(graphed.run_dir))
 
 
@@ -92,8 +90,7 @@ def test_ctrl_c_then_resume_with_cuda_graphs_ends_with_the_same_weights(tmp_path
     with pytest.raises(TrainingInterrupted):
         fit(config, tmp_path / "stopped", callbacks=[ctrl_c], data=data)
     resumed = fit(None, resume=tmp_path / "stopped", data=data)
-    for key, value in reference.model.state_dict().items():
-        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    assert_same_weights(reference.model.state_dict(), resumed.model.state_dict())
 
 
 @pytest.fixture(scope="module")

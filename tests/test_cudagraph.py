@@ -20,7 +20,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from device_helpers import HostTraffic, bars, recording_torch_tensor, untimed
+from device_helpers import HostTraffic, assert_same_weights, bars, recording_torch_tensor, untimed
 from digitlab import train
 from digitlab.config import TrainConfig
 from digitlab.cudagraph import GraphedStep, unsupported_reason
@@ -179,8 +179,7 @@ def test_the_graph_path_trains_exactly_as_the_eager_one(preset: str, tmp_path: P
     eager = fit(_graph_config(preset).with_overrides(cuda_graphs=False), tmp_path / "eager", data=data,
                 progress=False)
     assert graphed.final["val_acc"] > 0.25  # learning: chance is 0.1
-    for key, value in eager.model.state_dict().items():
-        assert torch.equal(value, graphed.model.state_dict()[key]), key
+    assert_same_weights(eager.model.state_dict(), graphed.model.state_dict())
     assert untimed(read_metrics(eager.run_dir)) == untimed(read_metrics(graphed.run_dir))
     assert json.loads((graphed.run_dir / "config.json").read_text())["resolved"]["cuda_graphs"] is True
 
@@ -203,8 +202,7 @@ def test_ctrl_c_then_resume_ends_with_the_uninterrupted_weights(stop_epoch: int,
     with pytest.raises(TrainingInterrupted):
         fit(_graph_config(), tmp_path / "stopped", callbacks=[ctrl_c], data=data, progress=False)
     resumed = fit(None, resume=tmp_path / "stopped", data=data, progress=False, cuda_graphs=graphs_after)
-    for key, value in reference.model.state_dict().items():
-        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    assert_same_weights(reference.model.state_dict(), resumed.model.state_dict())
     assert untimed(read_metrics(reference.run_dir)) == untimed(read_metrics(resumed.run_dir))
     # config.json follows the latest choice, so that a later resume (and its printed command) keeps it
     record = json.loads((tmp_path / "stopped" / "config.json").read_text())
@@ -282,8 +280,7 @@ def test_asking_for_graphs_where_there_are_none_trains_as_without(tmp_path: Path
     for record in (json.loads((asked.run_dir / name).read_text()) for name in ("config.json", "model.json")):
         assert record["config"]["cuda_graphs"] is False  # the records say what the run did
     reference = fit(plain, tmp_path / "plain", data=data, progress=False)
-    for key, value in reference.model.state_dict().items():
-        assert torch.equal(value, asked.model.state_dict()[key]), key
+    assert_same_weights(reference.model.state_dict(), asked.model.state_dict())
 
 
 def test_cuda_graphs_must_be_a_boolean(tmp_path: Path) -> None:

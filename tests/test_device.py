@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 
-from device_helpers import HostTraffic, recording_torch_tensor, untimed
+from device_helpers import HostTraffic, assert_same_weights, recording_torch_tensor, untimed
 from digitlab import runtime, train
 from digitlab.config import DEVICES
 from digitlab.data import DigitData
@@ -121,8 +121,7 @@ def test_reading_losses_every_few_steps_changes_nothing(tmp_path: Path, tiny_dat
     every_step = fit(_config(), tmp_path / "every-step", data=tiny_data)
     monkeypatch.setattr(train, "sync_interval", lambda device: 7)  # 20 steps/epoch: blocks of 7, 7, 6
     blocks = fit(_config(), tmp_path / "blocks", data=tiny_data)
-    for key, value in every_step.model.state_dict().items():
-        assert torch.equal(value, blocks.model.state_dict()[key]), key
+    assert_same_weights(every_step.model.state_dict(), blocks.model.state_dict())
     assert untimed(read_metrics(every_step.run_dir)) == untimed(read_metrics(blocks.run_dir))
     batch_steps = [r["step"] for r in read_metrics(blocks.run_dir) if r["type"] == "batch"]
     assert batch_steps == list(range(1, 21)) * 2  # every batch is still written
@@ -142,8 +141,7 @@ def test_ctrl_c_with_block_reads_stops_at_a_block_end_and_resumes_exactly(tmp_pa
         fit(_config(), tmp_path / "stopped", callbacks=[ctrl_c], data=tiny_data)
     assert (stop.value.epoch, stop.value.step) == (1, 7)  # the block that saw Ctrl-C is finished first
     resumed = fit(None, resume=tmp_path / "stopped", data=tiny_data)
-    for key, value in reference.model.state_dict().items():
-        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    assert_same_weights(reference.model.state_dict(), resumed.model.state_dict())
     assert untimed(read_metrics(reference.run_dir)) == untimed(read_metrics(resumed.run_dir))
 
 

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from device_helpers import untimed
+from device_helpers import assert_same_weights, untimed
 from digitlab.data import DigitData, write_kaggle_csv
 from digitlab.train import read_metrics
 
@@ -75,10 +74,7 @@ def test_two_processes_learn_and_end_with_identical_weights(tmp_path: Path, csv_
     run = tmp_path / "run"
     proc = _torchrun(str(script), str(csv_3000), str(run), str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    w0 = load_file(str(tmp_path / "rank0.safetensors"))
-    w1 = load_file(str(tmp_path / "rank1.safetensors"))
-    assert w0.keys() == w1.keys()
-    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert_same_weights(tmp_path / "rank0.safetensors", tmp_path / "rank1.safetensors")
     # rank 0 alone wrote the run folder: one record per epoch, each with validation
     epochs = [r for r in read_metrics(run) if r["type"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2]
@@ -87,7 +83,7 @@ def test_two_processes_learn_and_end_with_identical_weights(tmp_path: Path, csv_
     assert config["resolved"]["world_size"] == 2
     # both shards were trained on: 2,400 images / batch 64 = 37 steps per epoch
     assert len([r for r in read_metrics(run) if r["type"] == "batch"]) == 2 * 37
-    assert load_file(str(run / "model.safetensors")).keys() == w0.keys()
+    assert load_file(str(run / "model.safetensors")).keys() == load_file(str(tmp_path / "rank0.safetensors")).keys()
 
 
 def test_torchrun_module_cli(tmp_path: Path, csv_3000: Path) -> None:
@@ -113,8 +109,5 @@ def test_three_processes_killed_then_resumed_end_as_if_never_stopped(tmp_path: P
     assert [r["epoch"] for r in read_metrics(run) if r["type"] == "epoch"] == [1]  # died in epoch 2
     resumed = _torchrun("-m", "digitlab", "train", "--resume", str(run), "--quiet", cwd=tmp_path, processes=3)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    w_ref = load_file(str(tmp_path / "reference" / "model.safetensors"))
-    w_run = load_file(str(run / "model.safetensors"))
-    assert w_ref.keys() == w_run.keys()
-    assert [k for k in w_ref if not torch.equal(w_ref[k], w_run[k])] == []
+    assert_same_weights(tmp_path / "reference" / "model.safetensors", run / "model.safetensors")
     assert untimed(read_metrics(run)) == untimed(read_metrics(tmp_path / "reference"))

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import load_file
 
+from device_helpers import assert_same_weights
 from digitlab.data import DigitData
 from digitlab.errors import DigitlabError
 from digitlab.outliers import non_digit_images
@@ -70,5 +69,4 @@ def test_exposure_lowers_confidence_on_non_digits_and_resumes_exactly(tmp_path: 
     with pytest.raises(TrainingInterrupted):
         fit(_config(small, tmp_path), tmp_path / "stopped", callbacks=[ctrl_c], progress=False)
     resumed = fit(None, resume=tmp_path / "stopped", progress=False)
-    a, b = load_file(str(exposed.run_dir / "model.safetensors")), load_file(str(resumed.run_dir / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_weights(exposed.run_dir / "model.safetensors", resumed.run_dir / "model.safetensors")

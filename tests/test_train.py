@@ -17,23 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from device_helpers import untimed
+from device_helpers import assert_same_weights, untimed
 from digitlab.cli import main
 from digitlab.data import DigitData, write_kaggle_csv
 from digitlab.errors import DigitlabError
 from digitlab.presets import get_preset
 from digitlab.train import TrainingInterrupted, fit, read_metrics
-
-
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "model.safetensors"))
-
-
-def _assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        assert torch.equal(wa[key], wb[key]), key
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +95,7 @@ def test_same_seed_same_metrics_and_ctrl_c_resume_is_bit_identical(tmp_path: Pat
     reference = fit(config, tmp_path / "reference")
     again = fit(config, tmp_path / "again")
     assert untimed(read_metrics(reference.run_dir)) == untimed(read_metrics(again.run_dir))
-    _assert_same_weights(reference.run_dir, again.run_dir)
+    assert_same_weights(reference.run_dir / "model.safetensors", again.run_dir / "model.safetensors")
 
     def ctrl_c(event: dict) -> None:  # a real SIGINT to ourselves, mid-epoch
         if event["event"] == "batch" and event["epoch"] == 2 and event["step"] == 4:
@@ -118,7 +107,7 @@ def test_same_seed_same_metrics_and_ctrl_c_resume_is_bit_identical(tmp_path: Pat
     assert stop.value.resume_command == f"digitlab train --resume {tmp_path / 'stopped'}"
     assert not (tmp_path / "stopped" / "model.safetensors").exists()
     resumed = fit(config, resume=tmp_path / "stopped")
-    _assert_same_weights(reference.run_dir, resumed.run_dir)
+    assert_same_weights(reference.run_dir / "model.safetensors", resumed.run_dir / "model.safetensors")
     assert untimed(read_metrics(reference.run_dir)) == untimed(read_metrics(resumed.run_dir))
 
 
@@ -148,7 +137,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path: Path, csv_640:
     assert not (run / "model.safetensors").exists()
     assert [r["epoch"] for r in read_metrics(run) if r["type"] == "epoch"] == [1]
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
-    _assert_same_weights(reference.run_dir, run)
+    assert_same_weights(reference.run_dir / "model.safetensors", run / "model.safetensors")
     assert untimed(read_metrics(reference.run_dir)) == untimed(read_metrics(run))
 
 
