@@ -6,13 +6,14 @@
 # STEPs (default: all, in this order; a -graphs step is the same with --cuda-graphs, each step
 # replayed as CUDA graphs, which is what the speed targets were expected to need):
 #   env       the card, torch, CUDA
+#   tests     pytest -m cuda -k "not graphs" tests/test_cuda.py: every preset, resume, evaluate/predict/export
+#             (first: the only check of the default, eager path)
 #   tests-graphs
 #             pytest -m cuda -k graphs tests/test_cuda.py: graphs capture, and give the eager weights
 #   fast-graphs, fast
 #             time_to_accuracy: `fast`, 1 epoch, seeds 0-4 (target: 99.0% in <= 0.4 s)
 #   speed-graphs, speed
 #             gpu_speed: seed2017 3 epochs (>= 150,000 images/s), best 15 epochs (<= 15 s)
-#   tests     pytest -m cuda -k "not graphs" tests/test_cuda.py: every preset, resume, evaluate/predict/export
 #   fastlong-graphs, fastlong
 #             time_to_accuracy: `fast-long`, 5 epochs, seeds 0-2 (target: 99.5% in <= 3 s)
 #   ensemble-graphs, ensemble
@@ -27,7 +28,7 @@ set -u
 dir=${1:-gpu-data}
 shift || true
 steps=("$@")
-known=(env tests-graphs fast-graphs fast speed-graphs speed tests fastlong-graphs fastlong ensemble-graphs ensemble)
+known=(env tests tests-graphs fast-graphs fast speed-graphs speed fastlong-graphs fastlong ensemble-graphs ensemble)
 [ ${#steps[@]} -eq 0 ] && steps=("${known[@]}")
 for step in "${steps[@]}"; do
   [[ " ${known[*]} " == *" $step "* ]] || { echo "unknown step '$step': ${known[*]}" >&2; exit 2; }
@@ -89,10 +90,10 @@ for step in "${steps[@]}"; do
         echo "pytest is not installed here: the cuda tests were not run" | tee "$out/$step.txt"
       fi ;;
     fastlong*) run_step "$step" 90 python benchmarks/time_to_accuracy.py "${data[@]}" --runs fast-long:5 --seeds 0 1 2 \
-      "${graphs[@]}" ;;
+      ${graphs[@]+"${graphs[@]}"} ;;
     fast*) run_step "$step" 90 python benchmarks/time_to_accuracy.py "${data[@]}" --runs fast:1 --seeds 0 1 2 3 4 \
-      "${graphs[@]}" ;;
-    speed*) run_step "$step" 150 python benchmarks/gpu_speed.py "${data[@]}" --runs seed2017:3 best:15 "${graphs[@]}" ;;
-    ensemble*) run_step "$step" 300 bash -c 'ensemble "$@"' ensemble "${graphs[@]}" ;;
+      ${graphs[@]+"${graphs[@]}"} ;;
+    speed*) run_step "$step" 150 python benchmarks/gpu_speed.py "${data[@]}" --runs seed2017:3 best:15 ${graphs[@]+"${graphs[@]}"} ;;
+    ensemble*) run_step "$step" 300 bash -c 'ensemble "$@"' ensemble ${graphs[@]+"${graphs[@]}"} ;;
   esac
 done

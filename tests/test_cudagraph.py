@@ -7,10 +7,12 @@ GPU by tests/test_cuda.py.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import signal
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -268,6 +270,67 @@ def test_a_failed_capture_stops_with_its_cause(monkeypatch) -> None:
                        r"permitted when stream is capturing\); train without --cuda-graphs \(same results, slower\): "
                        r"start the run again, or resume it with --no-cuda-graphs if it saved a checkpoint"):
         graphed()
+
+
+def test_no_garbage_is_collected_during_a_capture(monkeypatch) -> None:
+    """Python's collector destroying an unreachable graph of an earlier run in the middle of a
+    capture breaks it ("operation not permitted when stream is capturing"); torch 2.11's capture no
+    longer collects beforehand. The capture collects first, keeps the collector off while it runs,
+    and turns it back on after, also after a failed capture."""
+    seen: list[tuple[str, bool]] = []
+    collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: seen.append(("collect", gc.isenabled())) or collect(*a))
+
+    class FakeGraph:
+        def register_generator_state(self, generator) -> None:
+            pass
+
+        def replay(self) -> None:
+            pass
+
+    @contextmanager
+    def capture(graph):
+        seen.append(("capture", gc.isenabled()))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    graphed = GraphedStep(lambda: [torch.ones(1)], torch.device("cpu"), warmup=0)
+    graphed.side_stream = object()  # as on CUDA: capture after the warm-up calls
+    assert gc.isenabled()
+    graphed()
+    assert seen == [("collect", True), ("capture", False)] and gc.isenabled()
+
+    def failing() -> list[torch.Tensor]:
+        raise RuntimeError("CUDA error: out of memory")
+
+    broken = GraphedStep(failing, torch.device("cpu"), warmup=0)
+    broken.side_stream = object()
+    with pytest.raises(DigitlabError, match="CUDA graph capture failed"):
+        broken()
+    assert gc.isenabled()
+
+
+def test_a_finished_run_frees_its_replayed_steps_without_the_collector(tmp_path: Path, graphs_here,
+                                                                      monkeypatch) -> None:
+    """The graphs (GPU memory) go when the run ends, not at some later collection that might fall
+    in the middle of the next run's capture: nothing of the run's StepReplay is kept in a cycle."""
+    made: list[weakref.ref] = []
+
+    class Recorded(train.StepReplay):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            made.append(weakref.ref(self))
+
+    monkeypatch.setattr(train, "StepReplay", Recorded)
+    gc.collect()
+    gc.disable()
+    try:
+        fit(_graph_config("best").with_overrides(epochs=1), tmp_path / "run", data=(bars(256, 0), bars(64, 1)),
+            progress=False)
+        assert len(made) == 1 and made[0]() is None
+    finally:
+        gc.enable()
 
 
 def test_asking_for_graphs_where_there_are_none_trains_as_without(tmp_path: Path, caplog) -> None:

@@ -104,6 +104,20 @@ def test_device_description_names_the_device() -> None:
     assert runtime.device_description(torch.device("cpu")) == "cpu"
 
 
+@pytest.mark.parametrize(("native", "expected"), [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_on_cuda_takes_bf16_only_where_the_card_computes_it(native: bool, expected: str,
+                                                                           monkeypatch) -> None:
+    """torch.cuda.is_bf16_supported() also says True for cards that only emulate bf16 (T4, V100:
+    Kaggle's and Colab's usual ones), where it is slower than fp32."""
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return native or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert runtime.resolve_precision("auto", torch.device("cuda")) == expected
+    assert runtime.resolve_precision("bf16", torch.device("cuda")) == "bf16"  # asked for: taken as asked
+
+
 @pytest.fixture(scope="module")
 def tiny_data(mnist_train: DigitData) -> tuple[DigitData, DigitData]:
     return (mnist_train.subset(np.arange(20000, 20640), "mnist:train[20000:20640]"),

@@ -18,10 +18,17 @@ checkpoints) exact.
 
 The first steps run eagerly on a side stream, as PyTorch's CUDA-graph notes ask (cuBLAS and cuDNN
 set themselves up, the optimizer creates its state); they are real training steps, not rehearsals.
+
+A graph must not be destroyed while another is being captured ("operation not permitted when
+stream is capturing"), and Python's cycle collector may destroy an unreachable one at any moment:
+torch 2.4 collected before each capture, torch 2.11 no longer does (PyTorch PR 161037). So a capture
+collects first and keeps the collector off until it ends, and a finished run releases its graphs
+itself (`release`) rather than leaving them to the collector.
 """
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Sequence
 
 import torch
@@ -86,10 +93,19 @@ class GraphedStep:
             t.record_stream(main)
         return outputs
 
+    def release(self) -> None:
+        """Free the graph and its outputs now, and drop the step (often a bound method of the
+        object that owns this one: a reference cycle only the collector would break)."""
+        self.graph, self.outputs = None, ()
+        self.step = _released
+
     def _capture(self) -> None:
         graph = torch.cuda.CUDAGraph()
         for generator in self.generators:  # the default generator is registered by the capture itself
             graph.register_generator_state(generator)
+        gc.collect()  # an unreachable graph of an earlier run goes now, not in the middle of the capture
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             with torch.cuda.graph(graph):
                 outputs = list(self.step())
@@ -103,4 +119,11 @@ class GraphedStep:
                 "(same results, slower): start the run again, or resume it with --no-cuda-graphs if it saved a "
                 "checkpoint; rerun an ensemble without the flag"
             ) from exc
+        finally:
+            if collecting:
+                gc.enable()
         self.graph, self.outputs = graph, outputs
+
+
+def _released() -> Sequence[torch.Tensor]:
+    raise RuntimeError("this graphed step was released")

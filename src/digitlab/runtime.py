@@ -57,7 +57,10 @@ def resolve_precision(name: str, device: torch.device) -> str:
             raise DigitlabError("--precision bf16: this CPU has no bf16 support in oneDNN")
         return name
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        # Before Ampere (T4, V100, P100: Kaggle's and Colab's usual cards) bf16 is only emulated, and
+        # cuDNN has no bf16 convolutions there, so it would be slower than fp32; plain
+        # is_bf16_supported() says True for those cards.
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     if device.type == "cpu":
         return "bf16" if cpu_has_fast_bf16() else "fp32"
     return "fp32"

@@ -365,6 +365,8 @@ def train_one_epoch(
     block_start = time.perf_counter()
     trainer.model.train()
     if trainer.graphs and (trainer.replay is None or not trainer.replay.serves(images, labels)):
+        if trainer.replay is not None:
+            trainer.replay.release()
         trainer.replay = StepReplay(trainer, images, labels)
     while state.step < steps:
         index = shard[state.step * batch : (state.step + 1) * batch]
@@ -442,6 +444,10 @@ class StepReplay:
 
     def serves(self, images: torch.Tensor, labels: torch.Tensor) -> bool:
         return images is self.images and labels is self.labels
+
+    def release(self) -> None:
+        self.step_graph.release()
+        self.ema_graph.release()
 
     def forward_backward(self) -> tuple[torch.Tensor, torch.Tensor]:
         return forward_backward(self.trainer, self.images, self.labels, self.index, captured=True)
@@ -629,6 +635,8 @@ def fit(
             for epoch in range(run.start_epoch, run.config.epochs + 1):
                 _train_epoch(run, epoch, stop)
         finally:  # the graphs hold GPU memory and refer back to the trainer: free them with the run
+            if run.trainer.replay is not None:
+                run.trainer.replay.release()
             run.trainer.replay = None
     return _finish(run)
 
