@@ -83,6 +83,13 @@ def test_calibrate_command_on_a_copy(tiny_run: Path, tmp_path: Path) -> None:
     stored = json.loads((run / CALIBRATION_FILE).read_text())
     # the run's own validation split, rebuilt from its config: 10% of mnist:train (as train splits it)
     assert stored["source"] == "mnist:train[val]" and stored["count"] == 5999
+    # measured on that split (a Kaggle run's default), the note names train, not `calibrate --data`
+    from digitlab.evaluate import evaluate_run
+    from digitlab.overlap import validation_data
+
+    notes = evaluate_run(run, validation_data(run)).extra["notes"]
+    assert any("fitted on these validation images (mnist:train[val]), as train does" in note for note in notes)
+    assert not any("calibrate --data" in note for note in notes)
 
 
 def test_calibrate_on_a_named_source_leaves_out_training_images(tiny_run: Path, tmp_path: Path,

@@ -497,6 +497,27 @@ def test_image_folder_corrupt_png(tmp_path):
     assert message(excinfo).startswith(f"{bad}: not a readable image (")
 
 
+def test_an_unreadable_image_file_says_why(tmp_path):
+    """Pillow's reason, in short: a cut-off file says so; a file of no image format says that,
+    not Pillow's sentence that repeats the path."""
+    import io
+
+    from digitlab.data.images import read_image
+
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(png, "PNG")
+    cut, text = tmp_path / "cut.png", tmp_path / "notes.png"
+    cut.write_bytes(png.getvalue()[: len(png.getvalue()) // 2])
+    text.write_text("hello")
+    with pytest.raises(DigitlabError) as excinfo:
+        read_image(cut)
+    assert message(excinfo) == f"{cut}: not a readable image (OSError: image file is truncated)"
+    with pytest.raises(DigitlabError) as excinfo:
+        read_image(text)
+    assert message(excinfo) == (f"{text}: not a readable image "
+                                "(UnidentifiedImageError: not an image format Pillow reads)")
+
+
 def test_image_folder_huge_image_is_refused_not_crashed(tmp_path, monkeypatch):
     # PIL raises DecompressionBombError (not an OSError) for images over 2x MAX_IMAGE_PIXELS.
     _digit_png(tmp_path / "1" / "big.png", size=64)

@@ -53,6 +53,21 @@ def test_small_and_large_arrays_agree(n):
             as_uint8_images(broken, "x")
 
 
+@pytest.mark.parametrize("n", [1, _PYTHON_CHECK_MAX // PIXELS + 1])
+def test_floats_within_0_1_are_read_as_scaled_to_it(n):
+    """Floats all within [0, 1] (a model's input scale) are multiplied by 255 on both paths; integers
+    0/1 and floats that go past 1 are read as they are."""
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (n, 28, 28)).astype(np.uint8)
+    assert np.array_equal(as_uint8_images(images.astype(np.float32) / 255, "x"), images)
+    assert np.array_equal(as_uint8_images(images / 255.0, "x"), images)
+    zeros_ones = (images > 127).astype(np.int64)
+    assert np.array_equal(as_uint8_images(zeros_ones, "x"), zeros_ones)  # integers: 0..255 as given
+    past_one = images.astype(np.float64) / 255
+    past_one[0, 0, 0] = 1.5
+    assert as_uint8_images(past_one, "x").max() == 2  # not the [0, 1] scale: read as 0..255, rounded
+
+
 def test_every_entry_point_gives_the_same_pixels(tiny_run, tmp_path):
     """Python API, `digitlab predict` on a .npy file and the server's JSON: one validator, one answer."""
     from fastapi.testclient import TestClient
@@ -73,6 +88,17 @@ def test_every_entry_point_gives_the_same_pixels(tiny_run, tmp_path):
         served = client.post("/v1/predict", json={"pixels": image.ravel().tolist()}).json()
         refused = client.post("/v1/predict", json={"pixels": [300] + [0] * 783})
     assert served["probabilities"] == pytest.approx(api[0].tolist(), abs=1e-5)
+    # the same image scaled to [0, 1]: the same answer from all three
+    unit = np.rint(image) / 255
+    np.save(tmp_path / "unit.npy", unit[None])
+    batches, errors, notes = read_inputs([tmp_path / "unit.npy"])
+    assert not errors and notes == [f"{tmp_path / 'unit.npy'}: float values all within [0, 1], read as scaled "
+                                    "to [0, 1] (multiplied by 255)"]
+    assert np.array_equal(batches[0].images[0], np.rint(image).astype(np.uint8))
+    with TestClient(create_app(predictor)) as client:
+        served_unit = client.post("/v1/predict", json={"pixels": unit.ravel().tolist()}).json()
+    assert served_unit["probabilities"] == pytest.approx(predictor.predict_proba(unit[None])[0].tolist(), abs=1e-5)
+    assert served_unit["probabilities"] == pytest.approx(served["probabilities"], abs=1e-5)
     assert refused.status_code == 422 and refused.json()["detail"] == "pixels: values must lie in 0..255; found 300"
     with pytest.raises(DigitlabError, match=r"images: values must lie in 0\.\.255; found 300"):
         predictor.predict_proba(np.array([[300] + [0] * 783]))

@@ -156,16 +156,16 @@ def test_an_unforeseen_reading_failure_costs_only_its_input(tmp_path: Path, monk
     np.save(tmp_path / "b.npy", np.zeros((1, 28, 28), np.uint8))
     real = predict._load_npy
 
-    def failing(path: Path, error: type[Exception] = MemoryError) -> np.ndarray:
+    def failing(path: Path, notes: list[str], error: type[Exception] = MemoryError) -> np.ndarray:
         if path.name == "a.npy":
             raise error("Unable to allocate 5.0 TiB")
-        return real(path)
+        return real(path, notes)
 
     monkeypatch.setattr(predict, "_load_npy", failing)
     batches, errors, _ = read_inputs([tmp_path / "a.npy", tmp_path / "b.npy"])
     assert [b.source for b in batches] == [str(tmp_path / "b.npy")]
     assert errors == [f"{tmp_path / 'a.npy'}: cannot read (MemoryError: Unable to allocate 5.0 TiB)"]
-    monkeypatch.setattr(predict, "_load_npy", lambda path: failing(path, TypeError))
+    monkeypatch.setattr(predict, "_load_npy", lambda path, notes: failing(path, notes, TypeError))
     with pytest.raises(TypeError):
         read_inputs([tmp_path / "a.npy", tmp_path / "b.npy"])
 

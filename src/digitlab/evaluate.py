@@ -237,9 +237,12 @@ def evaluate_run(
     notes = [seen.message] if seen.message else []
     applied = "calibration" in getattr(predictor, "meta", {})
     fitted_on = _calibration_source(folder) if folder is not None and applied else None
-    if fitted_on == data.source:
+    if fitted_on == data.source and data.source.endswith("[val]"):  # as train calibrates: nothing else held out
+        notes.append(f"the run's temperature was fitted on these validation images ({data.source}), as train "
+                     "does: confidence and log-loss here are optimistic (accuracy is not affected)")
+    elif fitted_on == data.source:
         notes.append(f"the run's temperature was fitted on {data.source} itself (digitlab calibrate --data): "
-                     "confidence and log-loss here are optimistic")
+                     "confidence and log-loss here are optimistic (accuracy is not affected)")
     result.extra = {"members": predictor.members, "precision": predictor.precision,
                     "source_count": len(data), "data_choice": choice, **seen.to_dict(), "notes": notes}
     if held_out:  # the run's own held-out fold: the honest forecast for unseen data of the same kind

@@ -24,8 +24,11 @@ _PYTHON_CHECK_MAX = 4 * PIXELS
 def as_uint8_images(values: Any, where: str, *, one: bool = False) -> np.ndarray:
     """uint8 (N, 28, 28) from (N, 28, 28), (N, 784), (28, 28) or (784,) numbers in 0..255.
 
-    Floats are rounded half to even (as `np.rint`). `one=True` accepts only a single image and
-    returns (28, 28). Anything else is a DigitlabError that starts with `where`.
+    Floats are rounded half to even (as `np.rint`). Floats that all lie within [0, 1] are taken as
+    scaled to [0, 1], as a model's input often is, and multiplied by 255 first: in 0..255 such an
+    image would be blank (at most 1/255 of full ink), so no real image is misread by the rule.
+    `one=True` accepts only a single image and returns (28, 28). Anything else is a DigitlabError
+    that starts with `where`.
     """
     try:
         array = np.asarray(values)
@@ -54,7 +57,14 @@ def as_uint8_images(values: Any, where: str, *, one: bool = False) -> np.ndarray
     low, high = array.min(), array.max()
     if low < 0 or high > 255:
         raise DigitlabError(_OUT_OF_RANGE.format(where=where, value=low if low < 0 else high))
+    if array.dtype.kind == "f" and high <= 1:
+        array = array.astype(np.float64) * 255
     return np.rint(array).astype(np.uint8).reshape(shape)
+
+
+def unit_scaled(values: np.ndarray) -> bool:
+    """Whether `as_uint8_images` reads these values as scaled to [0, 1] (floats, all within it)."""
+    return values.dtype.kind == "f" and values.size > 0 and bool(values.min() >= 0) and bool(values.max() <= 1)
 
 
 _NOT_FINITE = "{where}: values must be finite numbers in 0..255; found NaN or infinity"
@@ -68,6 +78,8 @@ def _small_to_uint8(flat: list[Any], floats: bool, where: str) -> np.ndarray:
         low, high = min(flat), max(flat)
         if low < 0 or high > 255:
             raise DigitlabError(_OUT_OF_RANGE.format(where=where, value=low if low < 0 else high))
+        if floats and high <= 1:
+            flat = [v * 255 for v in flat]
     if floats:
         flat = [round(v) for v in flat]  # half to even, as np.rint
     return np.array(flat, dtype=np.uint8)

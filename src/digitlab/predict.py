@@ -27,7 +27,7 @@ from digitlab.data.preprocess import load_image_file
 from digitlab.errors import DigitlabError
 from digitlab.export import open_predictor
 from digitlab.inference import ProbabilityModel, predict_proba
-from digitlab.pixels import PIXELS, as_uint8_images
+from digitlab.pixels import PIXELS, as_uint8_images, unit_scaled
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +80,13 @@ def _is_idx(path: Path) -> bool:
     return name.endswith(("-ubyte", ".idx")) or "idx1" in name or "idx3" in name
 
 
-def _as_images(array: np.ndarray, path: Path) -> np.ndarray:
-    """An array file's images as uint8 (N, 28, 28); float images within [0, 1] are scaled by 255."""
+def _as_images(array: np.ndarray, path: Path, notes: list[str]) -> np.ndarray:
+    """An array file's images as uint8 (N, 28, 28) (floats within [0, 1]: scaled by 255, and said so)."""
     images = as_uint8_images(array, str(path))
     if len(images) == 0:
         raise DigitlabError(f"{path}: holds 0 images, expected at least one")
-    if array.dtype.kind == "f" and array.size and array.min() >= 0 and array.max() <= 1:
-        # float images scaled to [0, 1], as a model's input would be (checked finite above)
-        log.info("%s: float values within [0, 1]: scaled by 255", path)
-        images = np.rint(array.astype(np.float64).reshape(images.shape) * 255).astype(np.uint8)
+    if unit_scaled(array):
+        notes.append(f"{path}: float values all within [0, 1], read as scaled to [0, 1] (multiplied by 255)")
     return images
 
 
@@ -127,7 +125,7 @@ def _check_npy_header(path: Path) -> None:
                             f"only {data_bytes:,} bytes follow (truncated or not written by numpy.save)")
 
 
-def _load_npy(path: Path) -> np.ndarray:
+def _load_npy(path: Path, notes: list[str]) -> np.ndarray:
     try:
         _check_npy_header(path)
         array = np.load(path, allow_pickle=False)
@@ -135,14 +133,14 @@ def _load_npy(path: Path) -> np.ndarray:
         raise DigitlabError(f"{path}: not a plain .npy array ({exc})") from None
     except (OSError, EOFError) as exc:
         raise DigitlabError(f"{path}: cannot read .npy file ({exc})") from None
-    return _as_images(array, path)
+    return _as_images(array, path, notes)
 
 
-def _load_idx(path: Path) -> np.ndarray:
+def _load_idx(path: Path, notes: list[str]) -> np.ndarray:
     array = read_idx(path)
     if array.ndim == 1:
         raise DigitlabError(f"{path}: an IDX label file (1-D, {len(array)} values), expected images")
-    return _as_images(array, path)
+    return _as_images(array, path, notes)
 
 
 def _folder_files(folder: Path) -> list[Path]:
@@ -204,9 +202,9 @@ def read_inputs(inputs: Iterable[str | Path]) -> tuple[list[InputBatch], list[st
 
             attempt(str(path), "kaggle", load_csv)
         elif suffix == ".npy":
-            attempt(str(path), "npy", lambda p=path: _load_npy(p))
+            attempt(str(path), "npy", lambda p=path: _load_npy(p, notes))
         elif _is_idx(path):
-            attempt(str(path), "idx", lambda p=path: _load_idx(p))
+            attempt(str(path), "idx", lambda p=path: _load_idx(p, notes))
         else:  # anything else is tried as an image; PIL tells if it is not one
             attempt(str(path), "image", lambda p=path: load_image_file(p)[None])
     return batches, errors, notes

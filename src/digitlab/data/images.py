@@ -98,7 +98,7 @@ def read_image(path: Path) -> Image.Image:
         raise DigitlabError(f"{path}: image too large ({exc}), {_AT_MOST}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         # PIL reports some damaged files as SyntaxError (a broken PNG chunk) or EOFError
-        raise DigitlabError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+        raise DigitlabError(f"{path}: not a readable image ({_why_unreadable(exc, path)})") from None
     if image.mode in WIDE_GREY_MODES:
         return image
     try:
@@ -106,3 +106,14 @@ def read_image(path: Path) -> Image.Image:
     except ValueError:
         raise DigitlabError(f"{path}: Pillow cannot convert its {image.mode} colours to grey, "
                             "expected a grey, RGB or palette image") from None
+
+
+def _why_unreadable(exc: BaseException, path: Path | str) -> str:
+    """PIL's reason for refusing a file, short: the class, then its first line unless that only
+    repeats the file's name ("cannot identify image file '...'": not a format Pillow reads)."""
+    if isinstance(exc, UnidentifiedImageError):
+        return f"{exc.__class__.__name__}: not an image format Pillow reads"
+    first = (str(exc).splitlines() or [""])[0].strip()
+    if not first or str(path) in first:
+        return exc.__class__.__name__
+    return f"{exc.__class__.__name__}: {first[:200]}"
