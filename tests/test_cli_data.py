@@ -93,6 +93,22 @@ def test_export_kaggle_to_idx_to_kaggle(tmp_path, train_csv, data, capsys):
     assert load_kaggle_csv(back).fingerprint == data.fingerprint
 
 
+def test_export_out_paths_a_user_gets_wrong(tmp_path, train_csv, capsys):
+    """A CSV goes into a folder that does not exist yet (made, as `data show` does); a folder or a
+    file where the other kind is needed is one line saying which is expected."""
+    nested = tmp_path / "new" / "deeper" / "train.csv"
+    assert main(["data", "export", f"kaggle:{train_csv}", "--format", "kaggle", "--out", str(nested)]) == 0
+    assert nested.read_bytes() == train_csv.read_bytes()
+    capsys.readouterr()
+    assert main(["data", "export", f"kaggle:{train_csv}", "--format", "idx", "--out", str(nested)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"digitlab: error: --out {nested}: a file; --format idx writes its files into a folder")
+    assert main(["data", "export", f"kaggle:{train_csv}", "--format", "kaggle", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"digitlab: error: --out {tmp_path}: a folder; --format kaggle writes one CSV file "
+        f"(e.g. {tmp_path / 'train.csv'})")
+
+
 def test_export_test_split_and_no_labels(tmp_path, train_csv, data, capsys):
     idx_dir = tmp_path / "idx"
     assert main(["data", "export", f"kaggle:{train_csv}", "--format", "idx", "--split", "test",

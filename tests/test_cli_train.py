@@ -56,6 +56,8 @@ def test_start_line_counts_in_singular_and_plural() -> None:
     assert "1 epoch ->" in start_line(event) and "on 1 image," in start_line(event)
     event["config"], event["train_count"] = get_preset("quick"), 48000
     assert "3 epochs ->" in start_line(event) and "on 48,000 images," in start_line(event)
+    event["config"], event["train_count"] = get_preset("fast"), 60000  # one pass over 60% of the images
+    assert "on 60,000 images (a random 60% of them each epoch), validating on 0;" in start_line(event)
 
 
 def test_ctrl_c_before_training_starts_is_one_line(monkeypatch, capsys) -> None:

@@ -160,8 +160,14 @@ def _run_data_export(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < len(data):
         data = data.subset(np.arange(args.limit), f"{data.source}[:{args.limit}]")
     if args.format == "kaggle":
+        if args.out.is_dir():
+            raise DigitlabError(f"--out {args.out}: a folder; --format kaggle writes one CSV file "
+                                f"(e.g. {args.out / 'train.csv'})")
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # as `data show --out` does
         written = [write_kaggle_csv(args.out, data, with_labels=False if args.no_labels else None)]
     else:
+        if args.out.exists() and not args.out.is_dir():
+            raise DigitlabError(f"--out {args.out}: a file; --format idx writes its files into a folder")
         written = write_idx_dir(args.out, data, split=args.split)
     for path in written:
         print(f"wrote {path}")

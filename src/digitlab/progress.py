@@ -100,7 +100,10 @@ def start_line(event: dict[str, Any]) -> str:
             return f"{event['run_dir']}: already finished ({plural(cfg.epochs, 'epoch')}); nothing to resume"
         return (f"resuming {cfg.preset} in {event['run_dir']} at epoch {event['start_epoch']}, step "
                 f"{event['start_step']} of {plural(cfg.epochs, 'epoch')}; {where}")
-    return (f"training {cfg.preset} ({cfg.model}) on {plural(event['train_count'], 'image')}, validating on "
+    fraction = cfg.epoch_fraction
+    # `fast` trains on a random share of the images each epoch: say so, not only the set's size
+    share = f" (a random {fraction:.0%} of them each epoch)" if fraction < 1 else ""
+    return (f"training {cfg.preset} ({cfg.model}) on {plural(event['train_count'], 'image')}{share}, validating on "
             f"{event['val_count']:,}; {where}, batch {cfg.batch_size}, {plural(cfg.epochs, 'epoch')} "
             f"-> {event['run_dir']}")
 
