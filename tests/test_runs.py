@@ -286,3 +286,11 @@ def test_serve_and_predict_default_to_the_newest_finished_robust_run(tmp_path, t
     assert "using" not in capsys.readouterr().err
     assert main(["predict", str(root / "c-quick")]) == 2
     assert "is a run folder: name at least one INPUT" in capsys.readouterr().err
+    # a model named some other way is not read as an input for the default run to answer
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    assert main(["predict", str(tmp_path / "model.onnx"), str(tmp_path / "one.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "model.onnx: an ONNX model, not an input; predict takes a run folder" in err and "using" not in err
+    assert main(["predict", str(root), str(tmp_path / "one.npy")]) == 2
+    err = capsys.readouterr().err
+    assert f"{root}: a folder of runs, not of images; name one run folder" in err and "using" not in err

@@ -710,6 +710,21 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     predict.set_defaults(handler=_run_predict)
 
 
+def _refuse_a_model_as_input(first: Path) -> None:
+    """A first argument that names a model, but not as a run folder, would otherwise be read as an
+    input (an .onnx file as an image, a folder of runs as a folder of images: their report PNGs)
+    and the default robust run would answer instead of the model the user meant."""
+    from digitlab.rundir import is_ensemble
+    from digitlab.runs import is_run_folder
+
+    if first.suffix.lower() == ".onnx":
+        raise DigitlabError(f"{first}: an ONNX model, not an input; predict takes a run folder (with --backend "
+                            f"onnx it uses the folder's model.onnx); `digitlab serve {first}` serves a bare .onnx file")
+    if first.is_dir() and any(is_run_folder(c) or is_ensemble(c) for c in first.iterdir() if c.is_dir()):
+        raise DigitlabError(f"{first}: a folder of runs, not of images; name one run folder "
+                            "(`digitlab runs` lists them)")
+
+
 def _run_predict(args: argparse.Namespace) -> int:
     from digitlab.predict import predict_inputs, render, write_output
     from digitlab.rundir import is_ensemble
@@ -721,6 +736,7 @@ def _run_predict(args: argparse.Namespace) -> int:
             raise DigitlabError(f"{first} is a run folder: name at least one INPUT to predict after it")
         run_dir, inputs = first, args.inputs[1:]
     else:
+        _refuse_a_model_as_input(first)
         run_dir, inputs = _default_run(), args.inputs
     result = predict_inputs(run_dir, inputs, top_k=args.top_k, tta=args.tta,
                             batch_size=args.batch_size, backend=args.backend, precision=args.precision)
