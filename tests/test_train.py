@@ -280,6 +280,17 @@ def test_unlabelled_data_refused(tmp_path: Path, mnist_train: DigitData, capsys)
     assert "has no labels; training needs a labelled source" in capsys.readouterr().err
 
 
+def test_resuming_a_folder_that_is_not_a_run_says_what_it_is(tmp_path: Path) -> None:
+    ensemble = tmp_path / "mix"
+    (ensemble / "member-0").mkdir(parents=True)  # an ensemble stopped before its manifest was written
+    with pytest.raises(DigitlabError, match=r"mix: an ensemble folder; an ensemble is finished by running the "
+                       r"same `digitlab ensemble \.\.\. --out .*mix` again \(its members resume\)"):
+        fit(None, resume=ensemble)
+    (tmp_path / "other").mkdir()
+    with pytest.raises(DigitlabError, match=r"other/config\.json: missing; not a digitlab run folder"):
+        fit(None, resume=tmp_path / "other")
+
+
 def test_corrupt_checkpoint_refused(tmp_path: Path, csv_640: Path, capsys) -> None:
     config = _tiny_config(csv_640, epochs=1)
     fit(config, tmp_path / "run")

@@ -35,7 +35,15 @@ from digitlab.data import DigitData, load_source, split
 from digitlab.distributed import DistContext
 from digitlab.errors import DigitlabError, missing
 from digitlab.models import count_parameters, create_model
-from digitlab.rundir import CONFIG_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE, read_metrics  # noqa: F401 (read_metrics: API)
+from digitlab.rundir import (  # noqa: F401 (read_metrics: API)
+    CONFIG_FILE,
+    MEMBER_PREFIX,
+    METRICS_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    is_ensemble,
+    read_metrics,
+)
 from digitlab.runtime import (
     autocast,
     configure_determinism,
@@ -946,6 +954,9 @@ def _read_run_config(run_dir: Path) -> TrainConfig:
     if not run_dir.is_dir():
         raise missing(run_dir, "a run folder to resume", folder=True)
     path = run_dir / CONFIG_FILE
+    if not path.is_file() and (is_ensemble(run_dir) or any(run_dir.glob(f"{MEMBER_PREFIX}*"))):
+        raise DigitlabError(f"{run_dir}: an ensemble folder; an ensemble is finished by running the same "
+                            f"`digitlab ensemble ... --out {run_dir}` again (its members resume)")
     if not path.is_file():
         raise DigitlabError(f"{path}: missing; not a digitlab run folder")
     try:
