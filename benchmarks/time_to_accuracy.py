@@ -6,8 +6,8 @@ Trains on the 60,000 training images; the test set is only measured after each e
     python benchmarks/time_to_accuracy.py [--runs fast:1 fast-long:5 seed2017:20] [--seeds 0 1 2]
         [--train idx:DIR --test idx:DIR:test] [--device cuda] [--cuda-graphs]
 
-On a CUDA machine the clock is read after the device has finished each epoch's work, and a short
-run is trained and thrown away first, so that CUDA's, cuBLAS's and cuDNN's one-time set-up in the
+On a CUDA machine the clock is read after the device has finished each epoch's work, and one epoch
+of the preset is trained and thrown away first, so that CUDA's, cuBLAS's and cuDNN's one-time set-up in the
 process (seconds, paid once per process by any program) does not fall into the first seed's time.
 """
 
@@ -39,14 +39,6 @@ def run_once(preset: str, epochs: int, seed: int, data: tuple[DigitData, DigitDa
         clock += record["train_seconds"]
         curve.append((clock, record["val_acc"]))
     return curve
-
-
-def warm_up(preset: str, data: tuple[DigitData, DigitData], device: str, cuda_graphs: bool) -> None:
-    """A fifth of an epoch of the preset, thrown away: loads the CUDA kernels the timed runs use."""
-    config = get_preset(preset).with_overrides(epochs=1, epoch_fraction=0.2, val_split=0.0, device=device,
-                                               cuda_graphs=cuda_graphs)
-    with tempfile.TemporaryDirectory() as tmp:
-        fit(config, os.path.join(tmp, "run"), data=data, progress=False)
 
 
 def first_time(curve: list[tuple[float, float]], threshold: float) -> float | None:
@@ -85,8 +77,8 @@ def main() -> None:
         preset, _, epochs = spec.partition(":")
         epochs_n = int(epochs) if epochs else get_preset(preset).epochs
         hits: dict[float, list[float | None]] = {th: [] for th in THRESHOLDS}
-        if on_cuda:
-            warm_up(preset, data, args.device, args.cuda_graphs)
+        if on_cuda:  # one epoch thrown away: loads the CUDA kernels the timed runs use
+            run_once(preset, 1, args.seeds[0], data, args.device, args.cuda_graphs)
         for seed in args.seeds:
             curve = run_once(preset, epochs_n, seed, data, args.device, args.cuda_graphs)
             for th in THRESHOLDS:
