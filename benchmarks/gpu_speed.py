@@ -3,7 +3,7 @@ per-batch metrics, checkpoints) on one device, usually a GPU: images/s of the la
 (compilation and warm-up fall in the first), training seconds for all epochs, and test accuracy.
 
     python benchmarks/gpu_speed.py --train idx:mnist-idx --test idx:mnist-idx:test \
-        [--runs seed2017:3 best:15 fast:1 fast-long:5] [--device cuda] [--seed 0] [--cuda-graphs]
+        [--runs seed2017:3 best:15 fast:1 fast-long:5] [--device cuda] [--seed 0] [--no-cuda-graphs]
 
 The training clock counts optimisation only (evaluation excluded) and is read after the
 device has finished each block of steps.
@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from digitlab.cudagraph import unsupported_reason
 from digitlab.data import load_source
 from digitlab.presets import get_preset
 from digitlab.runtime import resolve_device
@@ -32,12 +33,14 @@ def main() -> None:
     parser.add_argument("--test", default="mnist:test")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cuda-graphs", action="store_true", help="replay each training step as CUDA graphs")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="replay each training step as CUDA graphs (default: where they can be used)")
     args = parser.parse_args()
     data = (load_source(args.train), load_source(args.test))
     device = resolve_device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
-    print(f"torch {torch.__version__}, {device} ({card}){', CUDA graphs' if args.cuda_graphs else ''}\n")
+    used = args.cuda_graphs is not False and unsupported_reason(device, 1) is None
+    print(f"torch {torch.__version__}, {device} ({card}), {'CUDA graphs' if used else 'eager'}\n")
     print("| preset | epochs | images/s (last epoch) | train s (all epochs) | wall s | test acc |")
     print("|---|---:|---:|---:|---:|---:|")
     for spec in args.runs:

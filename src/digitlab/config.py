@@ -173,9 +173,10 @@ class TrainConfig:
     eval_every: int = 1  # epochs between validation passes (the last epoch is always evaluated)
     # write TensorBoard event files into the run folder (needs `pip install digitlab[tensorboard]`)
     tensorboard: bool = False
-    # replay each training step as CUDA graphs (digitlab.cudagraph): on one CUDA device; elsewhere
-    # the run trains as without it and says why
-    cuda_graphs: bool = False  # one of SPEED_ONLY_FIELDS
+    # replay each training step as CUDA graphs (digitlab.cudagraph). None: wherever they can be used
+    # (one CUDA device; 3x faster on an H100, benchmarks/RESULTS.md), eager elsewhere without a word;
+    # True: asked for, so a run that cannot use them says why; False: eager
+    cuda_graphs: bool | None = None  # one of SPEED_ONLY_FIELDS
 
     def validate(self) -> TrainConfig:
         def bad(msg: str) -> DigitlabError:
@@ -242,8 +243,8 @@ class TrainConfig:
             raise bad(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
         if not isinstance(self.tensorboard, bool):
             raise bad(f"tensorboard must be true or false, got {self.tensorboard!r}")
-        if not isinstance(self.cuda_graphs, bool):
-            raise bad(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
+        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
+            raise bad(f"cuda_graphs must be true, false or null (where usable), got {self.cuda_graphs!r}")
         return self
 
     @property

@@ -115,9 +115,9 @@ class GraphedStep:
             cause = exc.__context__ if isinstance(exc.__context__, Exception) else exc
             first_line = (str(cause).splitlines() or [""])[0]
             raise DigitlabError(
-                f"CUDA graph capture failed ({type(cause).__name__}: {first_line}); train without --cuda-graphs "
-                "(same results, slower): start the run again, or resume it with --no-cuda-graphs if it saved a "
-                "checkpoint; rerun an ensemble without the flag"
+                f"CUDA graph capture failed ({type(cause).__name__}: {first_line}); train with --no-cuda-graphs "
+                "(same results, slower): start the run again with it, or resume it with --no-cuda-graphs if it "
+                "saved a checkpoint; rerun an ensemble with --no-cuda-graphs"
             ) from exc
         finally:
             if collecting:

@@ -172,17 +172,18 @@ def _train_in_process(config: TrainConfig, plan: MemberPlan, callbacks: Iterable
                       progress: bool = True) -> None:
     from digitlab.train import fit
 
-    if plan.started:  # the rerun's --cuda-graphs (or its absence) holds for its resumed members too
+    if plan.started:  # a rerun's --cuda-graphs/--no-cuda-graphs holds for its resumed members; none: their own
         fit(None, resume=plan.run_dir, callbacks=callbacks, progress=progress, cuda_graphs=config.cuda_graphs)
     else:
         fit(config.with_overrides(seed=plan.seed), plan.run_dir, callbacks=callbacks, progress=progress)
 
 
-def _member_command(config_path: Path, plan: MemberPlan, cuda_graphs: bool = False) -> list[str]:
+def _member_command(config_path: Path, plan: MemberPlan, cuda_graphs: bool | None = None) -> list[str]:
     """The `digitlab train` that trains a member; config_path holds the plan's recipe."""
     base = [sys.executable, "-m", "digitlab", "train", "--quiet"]
     if plan.started:
-        return [*base, "--resume", str(plan.run_dir), "--cuda-graphs" if cuda_graphs else "--no-cuda-graphs"]
+        graphs = [] if cuda_graphs is None else ["--cuda-graphs" if cuda_graphs else "--no-cuda-graphs"]
+        return [*base, "--resume", str(plan.run_dir), *graphs]
     return [*base, "--config", str(config_path), "--seed", str(plan.seed), "--out", str(plan.run_dir)]
 
 

@@ -713,7 +713,7 @@ def _open_run(config: TrainConfig | None, out_dir: str | Path | None, resume: st
         return torch.from_numpy(array).to(device)
 
     graphs = _use_graphs(config, device, ctx)
-    if graphs != config.cuda_graphs:  # asked for where there are none: the run's records say what it does
+    if config.cuda_graphs and not graphs:  # asked for where there are none: the run's records say what it does
         config = dataclasses.replace(config, cuda_graphs=graphs)
     trainer = _build_trainer(config, ctx, device, precision, epoch_steps, graphs)
     if config.outliers > 0:
@@ -732,11 +732,12 @@ def _open_run(config: TrainConfig | None, out_dir: str | Path | None, resume: st
 
 
 def _use_graphs(config: TrainConfig, device: torch.device, ctx: DistContext) -> bool:
-    """Whether this run replays its steps as CUDA graphs: asked for, and possible here (else said once)."""
-    if not config.cuda_graphs:
+    """Whether this run replays its steps as CUDA graphs: asked for (or left to the default), and
+    possible here. Where they were asked for and cannot be used, it says why once."""
+    if config.cuda_graphs is False:
         return False
     why_not = unsupported_reason(device, ctx.world_size)
-    if why_not is not None:
+    if why_not is not None and config.cuda_graphs:
         log.warning("--cuda-graphs: not used, %s; training eagerly", why_not)
     return why_not is None
 
