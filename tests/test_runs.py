@@ -294,3 +294,21 @@ def test_serve_and_predict_default_to_the_newest_finished_robust_run(tmp_path, t
     assert main(["predict", str(root), str(tmp_path / "one.npy")]) == 2
     err = capsys.readouterr().err
     assert f"{root}: a folder of runs, not of images; name one run folder" in err and "using" not in err
+
+
+@pytest.mark.parametrize("command", ["evaluate", "report", "export", "calibrate"])
+def test_every_command_that_reads_a_model_names_a_missing_or_unfinished_one_alike(command: str, tmp_path: Path,
+                                                                                  capsys) -> None:
+    empty, unfinished = tmp_path / "empty", tmp_path / "unfinished"
+    empty.mkdir()
+    unfinished.mkdir()
+    (unfinished / STATE_FILE).write_bytes(b"")  # a run stopped before it wrote its model
+    expected = {
+        tmp_path / "nope": "no such folder (expected a run or ensemble folder)",
+        empty: f"neither a run folder ({MODEL_META}) nor an ensemble ({ENSEMBLE_FILE})",
+        unfinished: f"(its training has not finished: resume it with `digitlab train --resume {unfinished}`)",
+    }
+    for folder, message in expected.items():
+        assert main([command, str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"digitlab: error: {folder}: ") and message in err and err.count("\n") == 1

@@ -28,6 +28,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from digitlab.errors import DigitlabError
 from digitlab.serve import Limits, create_app
 
 httpx = pytest.importorskip("httpx")
@@ -81,6 +82,27 @@ def test_serve_refuses_ports_outside_the_tcp_range(port: str, capsys: pytest.Cap
     assert exit_info.value.code == 2
     assert "1..65535" in capsys.readouterr().err
     assert build_parser().parse_args(["serve", "runs/x", "--port", "65535"]).port == 65535
+
+
+def test_serve_on_a_port_in_use_says_so_before_loading_the_model(tiny_run: Path, monkeypatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from digitlab.cli import main
+    from digitlab.serve import app as serve_app
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded for a server that cannot listen")
+
+    monkeypatch.setattr(serve_app, "create_app", never)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", str(tiny_run), "--host", "127.0.0.1", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}: another program" in err and "--port" in err
+    serve_app.check_can_listen("127.0.0.1", _free_port())  # a free port passes
+    with pytest.raises(DigitlabError, match="not an address of this machine"):
+        serve_app.check_can_listen("192.0.2.1", _free_port())  # TEST-NET-1: no machine's own address
 
 
 # ---------------------------------------------------------------- 3: huge integers, aborted bodies

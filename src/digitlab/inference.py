@@ -19,9 +19,9 @@ import torch
 from digitlab.augment import rotate, translate
 from digitlab.calibration import apply_run_calibration, calibration_meta
 from digitlab.checkpoint import load_model
-from digitlab.errors import DigitlabError, missing
+from digitlab.errors import DigitlabError
 from digitlab.pixels import as_uint8_images
-from digitlab.rundir import ENSEMBLE_FILE, MODEL_META, ensemble_members, is_ensemble
+from digitlab.rundir import ENSEMBLE_FILE, ensemble_members, is_ensemble, require_model_folder
 from digitlab.runtime import predict_logits, prepare_model, resolve_device, resolve_precision
 
 
@@ -139,20 +139,16 @@ def load_predictor(path: str | Path, precision: str = "auto", device: str = "cpu
     `calibrated`: apply the folder's calibration.json temperature (if any) to the probabilities.
     (ONNX Runtime: `digitlab.export.open_predictor(path, backend="onnx")`.)
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise missing(path, "a run or ensemble folder", folder=True)
+    path = require_model_folder(path)
     if is_ensemble(path):
         loaded = [load_model(member) for member in ensemble_members(path)]
         meta = json.loads((path / ENSEMBLE_FILE).read_text())
         meta.setdefault("preset", loaded[0][1].get("preset"))
         meta["member_meta"] = [m for _, m in loaded]
         models = [m for m, _ in loaded]
-    elif (path / MODEL_META).is_file():
+    else:
         model, meta = load_model(path)
         models = [model]
-    else:
-        raise DigitlabError(f"{path}: neither a run folder (model.json) nor an ensemble ({ENSEMBLE_FILE})")
     if calibrated:
         meta.update(calibration_meta(path))
     dev = resolve_device(device)

@@ -17,7 +17,7 @@ import numpy as np
 from digitlab.checkpoint import read_model_meta, read_train_hashes
 from digitlab.data import DigitData, load_source, split
 from digitlab.errors import DigitlabError
-from digitlab.rundir import ENSEMBLE_FILE, MODEL_META
+from digitlab.rundir import ENSEMBLE_FILE, MODEL_META, require_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def trained_on_mnist(source: str) -> bool:
 def _run_config(run_dir: Path) -> dict[str, Any]:
     """The training config in the run's (or first member's) model.json, with the fields this module
     reads checked: the file may have been edited by hand."""
-    members = _ensemble_members(run_dir)
+    members = _ensemble_members(require_model_folder(run_dir))
     folder = members[0] if members else run_dir
     config = read_model_meta(folder).get("config") or {}
     problem = _config_problem(config)

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from digitlab.errors import DigitlabError
+from digitlab.errors import DigitlabError, missing
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,19 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
             break
         records.append(record)
     return records
+
+
+def require_model_folder(path: str | Path) -> Path:
+    """`path` if it holds a trained run (model.json) or an ensemble (ensemble.json); else the error
+    that every command reading a model gives."""
+    path = Path(path)
+    if not path.is_dir():
+        raise missing(path, "a run or ensemble folder", folder=True)
+    if not (path / MODEL_META).is_file() and not is_ensemble(path):
+        hint = (f" (its training has not finished: resume it with `digitlab train --resume {path}`)"
+                if (path / STATE_FILE).is_file() else "")
+        raise DigitlabError(f"{path}: neither a run folder ({MODEL_META}) nor an ensemble ({ENSEMBLE_FILE}){hint}")
+    return path
 
 
 def is_ensemble(path: str | Path) -> bool:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import functools
 import gc
 import io
@@ -17,6 +18,7 @@ import json
 import logging
 import math
 import queue
+import socket
 import threading
 import warnings
 from collections.abc import AsyncIterator, Callable
@@ -592,6 +594,31 @@ async def _multipart_file(request: Request, body: bytes, limits: Limits) -> byte
     return data
 
 
+def check_can_listen(host: str, port: int) -> None:
+    """Bind (host, port) as uvicorn will (SO_REUSEADDR, the first address `host` resolves to) and
+    let go: a DigitlabError saying why the server could not listen there, else nothing."""
+    where = f"{host}:{port}"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise DigitlabError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                why = "another program (another digitlab serve?) listens there; choose another --port"
+            elif exc.errno == errno.EACCES:
+                why = "ports below 1024 need administrator rights; choose --port 1024 or above"
+            elif exc.errno == errno.EADDRNOTAVAIL:
+                why = "not an address of this machine; use --host 127.0.0.1 (this machine) or 0.0.0.0 (all)"
+            else:
+                why = exc.strerror or str(exc)
+            raise DigitlabError(f"cannot listen on {where}: {why}") from None
+
+
 def run_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, backend: str = "onnx",
                access_log: bool = False) -> None:
     """Load the model, then serve until Ctrl-C (uvicorn, one process).
@@ -603,6 +630,7 @@ def run_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, b
 
     from digitlab.serve.guard import InFlightLimit, serve_options
 
+    check_can_listen(host, port)  # before the model loads: a busy port is said at once, as a usage error
     app = create_app(run_dir, backend=backend)
     # Everything loaded so far (torch, FastAPI, the model) lives as long as the process; frozen,
     # the collector's full passes skip it: they took ~100 ms and showed as latency outliers.
