@@ -96,8 +96,9 @@ def test_seen_images_are_left_out_by_default(tiny_run: Path, mnist_train: DigitD
     assert result.extra["notes"] == ["500 of 1,000 images were in the training data and are left out"]
     assert all(m.index >= 500 for m in result.misclassified)  # indices into the named source
     assert "seen in training: 500 left out" in result.to_text()
+    assert result.fingerprint == data.subset(np.arange(500, 1000), "unseen").fingerprint != data.fingerprint
     kept = evaluate_run(tiny_run, data, include_seen=True)
-    assert kept.total == 1000 and kept.extra["seen_in_training"] == 500
+    assert kept.total == 1000 and kept.extra["seen_in_training"] == 500 and kept.fingerprint == data.fingerprint
     assert "WARNING" in kept.extra["notes"][0] and "COUNTED" in kept.extra["notes"][0]
     with pytest.raises(DigitlabError, match="--include-seen"):
         evaluate_run(tiny_run, mnist_train.subset(np.arange(100), "all seen"))

@@ -232,7 +232,8 @@ def evaluate_run(
     result = evaluate_predictions(probs, measured.require_labels())
     # mistakes keep their index in the named source, not in the measured subset
     result.misclassified = [replace(m, index=int(seen.keep[m.index])) for m in result.misclassified]
-    result.source, result.fingerprint, result.tta, result.seconds = data.source, data.fingerprint, tta, seconds
+    # the fingerprint of the images measured: with seen ones left out, not the named source's
+    result.source, result.fingerprint, result.tta, result.seconds = data.source, measured.fingerprint, tta, seconds
     result.run = str(path) if isinstance(path, str | Path) else str(run_dir or "")
     notes = [seen.message] if seen.message else []
     applied = "calibration" in getattr(predictor, "meta", {})

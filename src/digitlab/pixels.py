@@ -57,14 +57,19 @@ def as_uint8_images(values: Any, where: str, *, one: bool = False) -> np.ndarray
     low, high = array.min(), array.max()
     if low < 0 or high > 255:
         raise DigitlabError(_OUT_OF_RANGE.format(where=where, value=low if low < 0 else high))
-    if array.dtype.kind == "f" and high <= 1:
+    if _unit_scaled(array.dtype.kind == "f", low, high):
         array = array.astype(np.float64) * 255
     return np.rint(array).astype(np.uint8).reshape(shape)
 
 
 def unit_scaled(values: np.ndarray) -> bool:
     """Whether `as_uint8_images` reads these values as scaled to [0, 1] (floats, all within it)."""
-    return values.dtype.kind == "f" and values.size > 0 and bool(values.min() >= 0) and bool(values.max() <= 1)
+    return values.size > 0 and _unit_scaled(values.dtype.kind == "f", values.min(), values.max())
+
+
+def _unit_scaled(floats: bool, low: Any, high: Any) -> bool:
+    """The [0, 1] rule, on an image set's lowest and highest value (see `as_uint8_images`)."""
+    return bool(floats and low >= 0 and high <= 1)
 
 
 _NOT_FINITE = "{where}: values must be finite numbers in 0..255; found NaN or infinity"
@@ -78,7 +83,7 @@ def _small_to_uint8(flat: list[Any], floats: bool, where: str) -> np.ndarray:
         low, high = min(flat), max(flat)
         if low < 0 or high > 255:
             raise DigitlabError(_OUT_OF_RANGE.format(where=where, value=low if low < 0 else high))
-        if floats and high <= 1:
+        if _unit_scaled(floats, low, high):
             flat = [v * 255 for v in flat]
     if floats:
         flat = [round(v) for v in flat]  # half to even, as np.rint
