@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from digitlab.cudagraph import unsupported_reason
+from digitlab.cudagraph import unsupported_reason, wanted
 from digitlab.data import load_source
 from digitlab.presets import get_preset
 from digitlab.runtime import resolve_device
@@ -39,7 +39,7 @@ def main() -> None:
     data = (load_source(args.train), load_source(args.test))
     device = resolve_device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
-    used = args.cuda_graphs is not False and unsupported_reason(device, 1) is None
+    used = wanted(args.cuda_graphs) and unsupported_reason(device, 1) is None
     print(f"torch {torch.__version__}, {device} ({card}), {'CUDA graphs' if used else 'eager'}\n")
     print("| preset | epochs | images/s (last epoch) | train s (all epochs) | wall s | test acc |")
     print("|---|---:|---:|---:|---:|---:|")

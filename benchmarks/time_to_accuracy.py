@@ -20,7 +20,7 @@ import tempfile
 
 import torch
 
-from digitlab.cudagraph import unsupported_reason
+from digitlab.cudagraph import unsupported_reason, wanted
 from digitlab.data import DigitData, load_source
 from digitlab.presets import get_preset
 from digitlab.runtime import resolve_device
@@ -70,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     data = (load_source(args.train), load_source(args.test))
     card = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() and args.device != "cpu" else ""
-    used = args.cuda_graphs is not False and unsupported_reason(resolve_device(args.device), 1) is None
+    used = wanted(args.cuda_graphs) and unsupported_reason(resolve_device(args.device), 1) is None
     graphs = ", CUDA graphs" if used else ", eager" if card else ""
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, threads {torch.get_num_threads()}{card}{graphs}\n")
     on_cuda = bool(card)

@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from device_helpers import HostTraffic, assert_same_weights, bars, recording_torch_tensor, untimed
-from digitlab import train
+from digitlab import cudagraph, train
 from digitlab.config import TrainConfig
 from digitlab.cudagraph import GraphedStep, unsupported_reason
 from digitlab.distributed import DistContext
@@ -339,15 +339,27 @@ def _default_graphs(run_dir: Path) -> tuple[object, object]:
     return record["config"]["cuda_graphs"], record["resolved"]["cuda_graphs"]
 
 
-def test_by_default_graphs_are_used_wherever_they_can_be(tmp_path: Path, graphs_here, caplog) -> None:
-    """No flag: graphs where `unsupported_reason` allows (here forced, as on one CUDA GPU); the
-    config keeps "where usable" (null), so the same run resumed elsewhere trains eagerly in silence."""
+@pytest.mark.parametrize(("version", "expected"), [
+    ("2.4.1+cu121", False), ("2.10.1", False), ("2.11.0+cu130", True), ("2.12.0a0+git1234", True),
+    ("2.13.0+cpu", True), ("3.0.0", True),
+])
+def test_graphs_are_the_default_from_the_torch_release_checked_on_a_gpu(version: str, expected: bool) -> None:
+    assert cudagraph.used_by_default(version) is expected
+
+
+@pytest.mark.parametrize("new_enough", [True, False])
+def test_by_default_graphs_are_used_wherever_they_can_be(new_enough: bool, tmp_path: Path, graphs_here,
+                                                          monkeypatch, caplog) -> None:
+    """No flag: graphs where `unsupported_reason` allows (here forced, as on one CUDA GPU) under a
+    torch the graphs were checked with; eager, in silence, under an older one. The config keeps
+    "where usable" (null), so the same run resumed elsewhere trains eagerly in silence."""
+    monkeypatch.setattr(cudagraph, "used_by_default", lambda: new_enough)
     config = _graph_config("fast").with_overrides(epochs=1, epoch_fraction=1.0)
     config = dataclasses.replace(config, cuda_graphs=None)
     assert get_preset("fast").cuda_graphs is None and TrainConfig().cuda_graphs is None
     with caplog.at_level(logging.WARNING, logger="digitlab.train"):
         run = fit(config, tmp_path / "run", data=(bars(512, 0), bars(128, 1)), progress=False)
-    assert _default_graphs(run.run_dir) == (None, True)
+    assert _default_graphs(run.run_dir) == (None, new_enough)
     assert caplog.text == ""
 
 

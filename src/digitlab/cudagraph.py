@@ -36,6 +36,22 @@ import torch
 from digitlab.errors import DigitlabError
 
 WARMUP_STEPS = 3  # eager steps before the capture (PyTorch's whole-network example uses 3)
+# Graphs are the default from the torch release they were checked with on a GPU (torch 2.11, an
+# H100: the cuda tests, bit for bit against eager, and the speed figures). A failed capture cannot
+# fall back to eager in the same process, so older releases train eagerly unless asked.
+DEFAULT_FROM_TORCH = (2, 11)
+
+
+def used_by_default(version: str = torch.__version__) -> bool:
+    """Whether a run that leaves `cuda_graphs` unset replays its steps as graphs under this torch."""
+    release = tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
+    return release >= DEFAULT_FROM_TORCH
+
+
+def wanted(setting: bool | None) -> bool:
+    """A config's `cuda_graphs` (True, False, or None for the default) as a wish, before asking
+    `unsupported_reason` whether this run can have them."""
+    return setting is True or (setting is None and used_by_default())
 
 
 def unsupported_reason(device: torch.device, world_size: int) -> str | None:

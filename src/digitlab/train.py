@@ -30,7 +30,7 @@ from digitlab import checkpoint as ckpt
 from digitlab import distributed
 from digitlab.augment import augment_batch
 from digitlab.config import TrainConfig
-from digitlab.cudagraph import GraphedStep, unsupported_reason
+from digitlab.cudagraph import GraphedStep, unsupported_reason, wanted
 from digitlab.data import DigitData, load_source, split
 from digitlab.distributed import DistContext
 from digitlab.errors import DigitlabError, missing
@@ -732,9 +732,10 @@ def _open_run(config: TrainConfig | None, out_dir: str | Path | None, resume: st
 
 
 def _use_graphs(config: TrainConfig, device: torch.device, ctx: DistContext) -> bool:
-    """Whether this run replays its steps as CUDA graphs: asked for (or left to the default), and
-    possible here. Where they were asked for and cannot be used, it says why once."""
-    if config.cuda_graphs is False:
+    """Whether this run replays its steps as CUDA graphs: asked for (or left to the default, under
+    torch >= DEFAULT_FROM_TORCH), and possible here. Where they were asked for and cannot be used,
+    it says why once."""
+    if not wanted(config.cuda_graphs):
         return False
     why_not = unsupported_reason(device, ctx.world_size)
     if why_not is not None and config.cuda_graphs:
