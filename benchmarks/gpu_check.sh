@@ -7,8 +7,8 @@
 # STEPs (default: all, in this order). Training replays each step as CUDA graphs by default on
 # CUDA; an -eager step is the same with --no-cuda-graphs (the launch-by-launch path):
 #   env       the card, torch, CUDA
-#   tests     pytest -m cuda -k "not graphs" tests/test_cuda.py: every preset, resume (eager),
-#             evaluate/predict/export
+#   tests     pytest -m cuda -k "not graphs" tests/test_cuda.py: every preset (the default: graphs),
+#             Ctrl-C + resume (eager), evaluate/predict/export
 #   tests-graphs
 #             pytest -m cuda -k graphs tests/test_cuda.py: graphs give the eager weights; resume
 #   readme    the README's first command, `digitlab train`, on the built-in data (the wheel in DIR)

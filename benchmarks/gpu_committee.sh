@@ -5,7 +5,8 @@
 # those held-out images and measures it once on the test set. Data: the four IDX files in DIR
 # (default gpu-data/, git-ignored; carry it with the device tool).
 #   bash benchmarks/gpu_committee.sh [DIR] [MEMBERS] [WIDTH] [EPOCHS] [DEVICE] [OUT]
-# GPU_TRAIN_FLAGS adds flags to every member's `digitlab train`, e.g. GPU_TRAIN_FLAGS=--cuda-graphs.
+# GPU_TRAIN_FLAGS adds flags to every member's `digitlab train`, e.g. GPU_TRAIN_FLAGS=--no-cuda-graphs (eager;
+# CUDA graphs are the default on one GPU under torch >= 2.11).
 set -eu
 dir=${1:-gpu-data} members=${2:-10} width=${3:-128} epochs=${4:-15} device=${5:-cuda} out=${6:-runs/committee}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"

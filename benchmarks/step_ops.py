@@ -1,5 +1,6 @@
 """Operators dispatched per training step, by part of the step, for every preset: what a GPU
-launches one by one without `--cuda-graphs`, and what stays outside the graphs with it.
+launches one by one with `--no-cuda-graphs` (or where graphs are not used), and what stays
+outside the graphs with them.
 
 On a GPU each operator is (about) one kernel launch of a few microseconds' host time, and the
 kernels of these small networks run for about as long, so the count bounds the step time from

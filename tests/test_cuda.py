@@ -86,7 +86,7 @@ def test_cuda_graphs_train_exactly_as_without(preset: str, tmp_path: Path, data,
 
 def test_ctrl_c_then_resume_with_cuda_graphs_ends_with_the_same_weights(tmp_path: Path, data) -> None:
     """A resumed run captures its graphs afresh after a few eager steps: still the same weights."""
-    config = get_preset("best").with_overrides(epochs=2, batch_size=32, device="cuda")  # graphs by default
+    config = get_preset("best").with_overrides(epochs=2, batch_size=32, device="cuda", cuda_graphs=True)
     reference = fit(config, tmp_path / "reference", data=data)
 
     def ctrl_c(event: dict) -> None:

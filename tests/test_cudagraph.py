@@ -213,6 +213,25 @@ def test_ctrl_c_then_resume_ends_with_the_uninterrupted_weights(stop_epoch: int,
     assert record["config"]["cuda_graphs"] is expected and record["resolved"]["cuda_graphs"] is expected
 
 
+def test_a_resume_records_what_the_default_resolves_to_there(tmp_path: Path, graphs_here, monkeypatch) -> None:
+    """Started eagerly by default (say under torch 2.10), resumed where the default is graphs: the
+    config still says "where usable" (null), and `resolved` says what the resumed run does."""
+    config = dataclasses.replace(_graph_config("fast").with_overrides(epoch_fraction=1.0), cuda_graphs=None)
+    data = (bars(512, 0), bars(128, 1))
+    monkeypatch.setattr(cudagraph, "used_by_default", lambda: False)
+
+    def stop_after_epoch_1(event: dict) -> None:
+        if event["event"] == "epoch" and event["epoch"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        fit(config, tmp_path / "run", callbacks=[stop_after_epoch_1], data=data, progress=False)
+    assert _default_graphs(tmp_path / "run") == (None, False)
+    monkeypatch.setattr(cudagraph, "used_by_default", lambda: True)
+    fit(None, resume=tmp_path / "run", data=data, progress=False)
+    assert _default_graphs(tmp_path / "run") == (None, True)
+
+
 def test_resume_takes_the_graphs_flag_and_no_other(tmp_path: Path, capsys) -> None:
     from digitlab.cli import main
 
@@ -363,7 +382,9 @@ def test_by_default_graphs_are_used_wherever_they_can_be(new_enough: bool, tmp_p
     assert caplog.text == ""
 
 
-def test_by_default_a_run_where_graphs_cannot_be_used_trains_eagerly_in_silence(tmp_path: Path, caplog) -> None:
+def test_by_default_a_run_where_graphs_cannot_be_used_trains_eagerly_in_silence(tmp_path: Path, monkeypatch,
+                                                                                 caplog) -> None:
+    monkeypatch.setattr(cudagraph, "used_by_default", lambda: True)  # the CPU, not the torch release, says no
     config = get_preset("fast").with_overrides(epochs=1, epoch_fraction=1.0, batch_size=32, precision="fp32",
                                                device="cpu")
     with caplog.at_level(logging.WARNING, logger="digitlab.train"):
@@ -380,7 +401,8 @@ def test_asking_for_graphs_where_there_are_none_trains_as_without(tmp_path: Path
         asked = fit(plain.with_overrides(cuda_graphs=True), tmp_path / "asked", data=data, progress=False)
     assert "--cuda-graphs: not used, they need a CUDA device" in caplog.text
     for record in (json.loads((asked.run_dir / name).read_text()) for name in ("config.json", "model.json")):
-        assert record["config"]["cuda_graphs"] is False  # the records say what the run did
+        assert record["config"]["cuda_graphs"] is None  # said once; from now on "where usable"
+    assert _default_graphs(asked.run_dir) == (None, False)
     reference = fit(plain, tmp_path / "plain", data=data, progress=False)
     assert_same_weights(reference.model.state_dict(), asked.model.state_dict())
 

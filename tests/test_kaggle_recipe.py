@@ -104,3 +104,22 @@ def test_one_cycle_with_too_few_steps_is_one_clear_error(tmp_path: Path, mnist_t
     config = get_preset("quick").with_overrides(data=f"kaggle:{tmp_path / 'tiny.csv'}", epochs=1)
     with pytest.raises(DigitlabError, match="one-cycle schedule needs more than one warm-up step"):
         fit(config, tmp_path / "run", progress=False)
+
+
+@pytest.mark.parametrize(("flag", "expected"), [([], None), (["--cuda-graphs"], True), (["--no-cuda-graphs"], False)])
+def test_kaggle_takes_the_graphs_flag_for_every_recipe(flag: list[str], expected: bool | None, tmp_path: Path,
+                                                       monkeypatch) -> None:
+    """On a GPU the members train as CUDA graphs by default; --no-cuda-graphs is the way out that a
+    failed capture's message names."""
+    import digitlab.kaggle_recipe
+
+    seen: list = []
+
+    def capture(train_csv, test_csv, recipes, out, **kwargs):
+        seen.extend(recipes)
+        return SimpleNamespace(submission=Path(out) / "submission.csv", rows=0)
+
+    monkeypatch.setattr(digitlab.kaggle_recipe, "kaggle_recipe", capture)
+    argv = ["kaggle", "train.csv", "test.csv", "--presets", "best,fast", "--out", str(tmp_path), *flag]
+    assert main(argv) == 0
+    assert [r.preset for r in seen] == ["best", "fast"] and all(r.cuda_graphs is expected for r in seen)

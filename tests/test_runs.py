@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -296,19 +297,39 @@ def test_serve_and_predict_default_to_the_newest_finished_robust_run(tmp_path, t
     assert f"{root}: a folder of runs, not of images; name one run folder" in err and "using" not in err
 
 
-@pytest.mark.parametrize("command", ["evaluate", "report", "export", "calibrate"])
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", ["evaluate", "report", "export", "calibrate", "serve", "predict-onnx",
+                                     "summary"])
 def test_every_command_that_reads_a_model_names_a_missing_or_unfinished_one_alike(command: str, tmp_path: Path,
                                                                                   capsys) -> None:
     empty, unfinished = tmp_path / "empty", tmp_path / "unfinished"
     empty.mkdir()
     unfinished.mkdir()
     (unfinished / STATE_FILE).write_bytes(b"")  # a run stopped before it wrote its model
+    np.save(tmp_path / "x.npy", np.zeros((1, 28, 28), np.uint8))
+    argv = {  # the folder goes where FOLDER stands
+        "serve": ["serve", "FOLDER", "--port", str(_free_port())],
+        "predict-onnx": ["predict", "FOLDER", str(tmp_path / "x.npy"), "--backend", "onnx"],
+    }.get(command, [command, "FOLDER"])
+    neither = f"neither a run folder ({MODEL_META}) nor an ensemble ({ENSEMBLE_FILE})"
     expected = {
         tmp_path / "nope": "no such folder (expected a run or ensemble folder)",
-        empty: f"neither a run folder ({MODEL_META}) nor an ensemble ({ENSEMBLE_FILE})",
+        empty: neither,
         unfinished: f"(its training has not finished: resume it with `digitlab train --resume {unfinished}`)",
     }
+    if command == "serve":  # it also takes an .onnx file
+        expected[tmp_path / "nope"] = "no such run folder or .onnx file"
+    if command == "predict-onnx":  # a first argument that is no run may be an input (a missing file, a folder)
+        del expected[tmp_path / "nope"], expected[empty]
+    if command == "summary":  # it also takes a preset or a model name, and no ensemble
+        del expected[tmp_path / "nope"]
+        expected[empty] = f"no {MODEL_META}; expected a run folder written by `digitlab train`"
     for folder, message in expected.items():
-        assert main([command, str(folder)]) == 2
+        assert main([str(folder) if a == "FOLDER" else a for a in argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"digitlab: error: {folder}: ") and message in err and err.count("\n") == 1

@@ -101,8 +101,33 @@ def test_serve_on_a_port_in_use_says_so_before_loading_the_model(tiny_run: Path,
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}: another program" in err and "--port" in err
     serve_app.check_can_listen("127.0.0.1", _free_port())  # a free port passes
+    serve_app.check_can_listen("", _free_port())  # "": every interface, as uvicorn reads it
     with pytest.raises(DigitlabError, match="not an address of this machine"):
         serve_app.check_can_listen("192.0.2.1", _free_port())  # TEST-NET-1: no machine's own address
+
+
+def test_the_port_check_binds_every_address_the_host_names(monkeypatch) -> None:
+    """A name that resolves to several addresses (localhost: ::1 and 127.0.0.1) is served on all of
+    them: one busy is a refusal; one the machine lacks is skipped, as asyncio skips it."""
+    from digitlab.serve import app as serve_app
+
+    def resolves_to(*addresses: str):
+        def getaddrinfo(host, port, **kwargs):
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in addresses]
+        return getaddrinfo
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        monkeypatch.setattr(socket, "getaddrinfo", resolves_to("192.0.2.1", "127.0.0.1"))
+        with pytest.raises(DigitlabError, match=f"cannot listen on both:{port}: another program"):
+            serve_app.check_can_listen("both", port)
+    free = _free_port()
+    serve_app.check_can_listen("both", free)  # 192.0.2.1 skipped, 127.0.0.1 free
+    monkeypatch.setattr(socket, "getaddrinfo", resolves_to("192.0.2.1"))
+    with pytest.raises(DigitlabError, match=r"cannot listen on \[::5\]:\d+: not an address of this machine"):
+        serve_app.check_can_listen("::5", free)
 
 
 # ---------------------------------------------------------------- 3: huge integers, aborted bodies

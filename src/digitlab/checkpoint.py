@@ -23,7 +23,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from digitlab.errors import DigitlabError, missing
-from digitlab.rundir import MODEL_FILE, MODEL_META, TRAIN_HASHES_FILE, atomic_write_bytes, atomic_write_json
+from digitlab.rundir import (
+    MODEL_FILE,
+    MODEL_META,
+    TRAIN_HASHES_FILE,
+    atomic_write_bytes,
+    atomic_write_json,
+    unfinished_hint,
+)
 
 FORMAT_VERSION = 1
 CLASS_NAMES = [str(d) for d in range(10)]
@@ -74,7 +81,8 @@ def save_model(run_dir: Path, model: torch.nn.Module, metadata: dict[str, Any]) 
 def read_model_meta(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / MODEL_META
     if not path.is_file():
-        raise DigitlabError(f"{run_dir}: no {MODEL_META}; expected a run folder written by `digitlab train`")
+        raise DigitlabError(f"{run_dir}: no {MODEL_META}; expected a run folder written by `digitlab train`"
+                            f"{unfinished_hint(Path(run_dir))}")
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as exc:

@@ -133,7 +133,7 @@ class GraphedStep:
             raise DigitlabError(
                 f"CUDA graph capture failed ({type(cause).__name__}: {first_line}); train with --no-cuda-graphs "
                 "(same results, slower): start the run again with it, or resume it with --no-cuda-graphs if it "
-                "saved a checkpoint; rerun an ensemble with --no-cuda-graphs"
+                "saved a checkpoint; rerun an ensemble or `digitlab kaggle` with --no-cuda-graphs"
             ) from exc
         finally:
             if collecting:

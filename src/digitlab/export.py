@@ -21,7 +21,7 @@ from torch import nn
 
 from digitlab.checkpoint import CLASS_NAMES, INPUT_NORMALISATION, atomic_write_bytes
 from digitlab.errors import DigitlabError
-from digitlab.rundir import ENSEMBLE_FILE, MODEL_FILE, MODEL_META, ONNX_FILE, is_ensemble
+from digitlab.rundir import ENSEMBLE_FILE, MODEL_FILE, MODEL_META, ONNX_FILE, is_ensemble, require_model_folder
 
 if TYPE_CHECKING:
     from digitlab.inference import ProbabilityModel
@@ -281,6 +281,7 @@ def load_onnx_predictor(path: str | Path, batch_size: int = 2048, threads: int |
         return OnnxPredictor(onnx_session(str(path), threads), _meta_from_props(props), batch_size)
     if not path.is_dir():
         raise DigitlabError(f"{path}: no such run folder or .onnx file")
+    require_model_folder(path)
     meta = load_predictor(path, precision="fp32").meta if is_ensemble(path) else _read_meta(path)
     meta = {**meta, "fingerprint": model_fingerprint(meta), **calibration_meta(path)}
     onnx_path = path / ONNX_FILE

@@ -64,7 +64,7 @@ def as_uint8_images(values: Any, where: str, *, one: bool = False) -> np.ndarray
 
 def unit_scaled(values: np.ndarray) -> bool:
     """Whether `as_uint8_images` reads these values as scaled to [0, 1] (floats, all within it)."""
-    return values.size > 0 and _unit_scaled(values.dtype.kind == "f", values.min(), values.max())
+    return values.dtype.kind == "f" and values.size > 0 and _unit_scaled(True, values.min(), values.max())
 
 
 def _unit_scaled(floats: bool, low: Any, high: Any) -> bool:

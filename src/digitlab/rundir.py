@@ -54,10 +54,16 @@ def require_model_folder(path: str | Path) -> Path:
     if not path.is_dir():
         raise missing(path, "a run or ensemble folder", folder=True)
     if not (path / MODEL_META).is_file() and not is_ensemble(path):
-        hint = (f" (its training has not finished: resume it with `digitlab train --resume {path}`)"
-                if (path / STATE_FILE).is_file() else "")
-        raise DigitlabError(f"{path}: neither a run folder ({MODEL_META}) nor an ensemble ({ENSEMBLE_FILE}){hint}")
+        raise DigitlabError(f"{path}: neither a run folder ({MODEL_META}) nor an ensemble ({ENSEMBLE_FILE})"
+                            f"{unfinished_hint(path)}")
     return path
+
+
+def unfinished_hint(path: Path) -> str:
+    """What to add to "no model here" when the folder is a run whose training has not finished."""
+    if (path / STATE_FILE).is_file():
+        return f" (its training has not finished: resume it with `digitlab train --resume {path}`)"
+    return ""
 
 
 def is_ensemble(path: str | Path) -> bool:

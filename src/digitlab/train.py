@@ -713,8 +713,8 @@ def _open_run(config: TrainConfig | None, out_dir: str | Path | None, resume: st
         return torch.from_numpy(array).to(device)
 
     graphs = _use_graphs(config, device, ctx)
-    if config.cuda_graphs and not graphs:  # asked for where there are none: the run's records say what it does
-        config = dataclasses.replace(config, cuda_graphs=graphs)
+    if config.cuda_graphs and not graphs:  # asked for where there are none (said once): from now on, where usable
+        config = dataclasses.replace(config, cuda_graphs=None)
     trainer = _build_trainer(config, ctx, device, precision, epoch_steps, graphs)
     if config.outliers > 0:
         trainer.outlier_pool = on_device(outlier_pool(config, train_data))
@@ -764,14 +764,17 @@ def _write_run_config(run: _Run) -> None:
 
 
 def _record_speed_settings(run: _Run) -> None:
-    """A resume may change a speed-only setting (--cuda-graphs): config.json then records the new one,
-    which a later resume, and the resume command printed after a Ctrl-C, keep."""
+    """A resume may change a speed-only setting (--cuda-graphs) or what it resolves to here (graphs
+    where the run started eagerly): config.json then records the new one, which a later resume, and
+    the resume command printed after a Ctrl-C, keep."""
     path = run.run_dir / CONFIG_FILE
     record = json.loads(path.read_text())
-    if record["config"].get("cuda_graphs") == run.config.cuda_graphs:
+    resolved = record.setdefault("resolved", {})
+    if (record["config"].get("cuda_graphs"), resolved.get("cuda_graphs")) == (run.config.cuda_graphs,
+                                                                              run.trainer.graphs):
         return
     record["config"]["cuda_graphs"] = run.config.cuda_graphs
-    record.setdefault("resolved", {})["cuda_graphs"] = run.trainer.graphs
+    resolved["cuda_graphs"] = run.trainer.graphs
     ckpt.atomic_write_json(path, record)
 
 

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import math
+import os
 import queue
 import socket
 import threading
@@ -595,28 +596,41 @@ async def _multipart_file(request: Request, body: bytes, limits: Limits) -> byte
 
 
 def check_can_listen(host: str, port: int) -> None:
-    """Bind (host, port) as uvicorn will (SO_REUSEADDR, the first address `host` resolves to) and
-    let go: a DigitlabError saying why the server could not listen there, else nothing."""
-    where = f"{host}:{port}"
+    """Bind every address `host` resolves to, with the options asyncio's server uses (which uvicorn
+    runs on), and let go: a DigitlabError saying why the server could not listen there, else
+    nothing. Like asyncio, an address this machine does not have is skipped while another binds."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise DigitlabError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
-    with socket.socket(family, kind, proto) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(address)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                why = "another program (another digitlab serve?) listens there; choose another --port"
-            elif exc.errno == errno.EACCES:
-                why = "ports below 1024 need administrator rights; choose --port 1024 or above"
-            elif exc.errno == errno.EADDRNOTAVAIL:
-                why = "not an address of this machine; use --host 127.0.0.1 (this machine) or 0.0.0.0 (all)"
-            else:
-                why = exc.strerror or str(exc)
-            raise DigitlabError(f"cannot listen on {where}: {why}") from None
+        raise DigitlabError(f"--host {host}: cannot resolve it ({exc.strerror})") from None
+    unavailable: OSError | None = None
+    bound = 0
+    for family, kind, proto, _, address in dict.fromkeys((i[0], i[1], i[2], None, i[4]) for i in infos):
+        with socket.socket(family, kind, proto) as sock:
+            if os.name == "posix":  # as asyncio: elsewhere it would let two servers share a port
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+                bound += 1
+            except OSError as exc:
+                if exc.errno != errno.EADDRNOTAVAIL:
+                    raise DigitlabError(f"cannot listen on {where}: {_why_not_listening(exc, port)}") from None
+                unavailable = exc
+    if not bound and unavailable is not None:
+        raise DigitlabError(f"cannot listen on {where}: {_why_not_listening(unavailable, port)}")
+
+
+def _why_not_listening(exc: OSError, port: int) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return "another program (another digitlab serve?) listens there; choose another --port"
+    if exc.errno == errno.EACCES and port < 1024:
+        return "ports below 1024 need administrator rights; choose --port 1024 or above"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "not an address of this machine; use --host 127.0.0.1 (this machine) or 0.0.0.0 (all)"
+    return exc.strerror or str(exc)
 
 
 def run_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, backend: str = "onnx",
