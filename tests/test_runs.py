@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from digitlab.cli import main
 from digitlab.errors import DigitlabError
 from digitlab.rundir import CONFIG_FILE, ENSEMBLE_FILE, MEMBER_PREFIX, MODEL_META, STATE_FILE
 from digitlab.runs import COLUMNS, list_runs, runs_table
+from net_helpers import free_port
 
 
 @pytest.fixture(scope="module")
@@ -297,12 +297,6 @@ def test_serve_and_predict_default_to_the_newest_finished_robust_run(tmp_path, t
     assert f"{root}: a folder of runs, not of images; name one run folder" in err and "using" not in err
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("command", ["evaluate", "report", "export", "calibrate", "serve", "predict-onnx",
                                      "summary"])
 def test_every_command_that_reads_a_model_names_a_missing_or_unfinished_one_alike(command: str, tmp_path: Path,
@@ -313,7 +307,7 @@ def test_every_command_that_reads_a_model_names_a_missing_or_unfinished_one_alik
     (unfinished / STATE_FILE).write_bytes(b"")  # a run stopped before it wrote its model
     np.save(tmp_path / "x.npy", np.zeros((1, 28, 28), np.uint8))
     argv = {  # the folder goes where FOLDER stands
-        "serve": ["serve", "FOLDER", "--port", str(_free_port())],
+        "serve": ["serve", "FOLDER", "--port", str(free_port())],
         "predict-onnx": ["predict", "FOLDER", str(tmp_path / "x.npy"), "--backend", "onnx"],
     }.get(command, [command, "FOLDER"])
     neither = f"neither a run folder ({MODEL_META}) nor an ensemble ({ENSEMBLE_FILE})"

@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 
 from digitlab.errors import DigitlabError
 from digitlab.serve import Limits, create_app
+from net_helpers import free_port
 
 httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -64,12 +65,6 @@ def _encode(image: Image.Image, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # ---------------------------------------------------------------- 6: the port
 
 
@@ -100,10 +95,10 @@ def test_serve_on_a_port_in_use_says_so_before_loading_the_model(tiny_run: Path,
         assert main(["serve", str(tiny_run), "--host", "127.0.0.1", "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}: another program" in err and "--port" in err
-    serve_app.check_can_listen("127.0.0.1", _free_port())  # a free port passes
-    serve_app.check_can_listen("", _free_port())  # "": every interface, as uvicorn reads it
+    serve_app.check_can_listen("127.0.0.1", free_port())  # a free port passes
+    serve_app.check_can_listen("", free_port())  # "": every interface, as uvicorn reads it
     with pytest.raises(DigitlabError, match="not an address of this machine"):
-        serve_app.check_can_listen("192.0.2.1", _free_port())  # TEST-NET-1: no machine's own address
+        serve_app.check_can_listen("192.0.2.1", free_port())  # TEST-NET-1: no machine's own address
 
 
 def test_the_port_check_binds_every_address_the_host_names(monkeypatch) -> None:
@@ -123,7 +118,7 @@ def test_the_port_check_binds_every_address_the_host_names(monkeypatch) -> None:
         monkeypatch.setattr(socket, "getaddrinfo", resolves_to("192.0.2.1", "127.0.0.1"))
         with pytest.raises(DigitlabError, match=f"cannot listen on both:{port}: another program"):
             serve_app.check_can_listen("both", port)
-    free = _free_port()
+    free = free_port()
     serve_app.check_can_listen("both", free)  # 192.0.2.1 skipped, 127.0.0.1 free
     monkeypatch.setattr(socket, "getaddrinfo", resolves_to("192.0.2.1"))
     with pytest.raises(DigitlabError, match=r"cannot listen on \[::5\]:\d+: not an address of this machine"):
@@ -371,7 +366,7 @@ def test_guard_cap_evicts_silent_connections_before_answered_ones(app) -> None:
 @pytest.fixture(scope="module")
 def cli_server(tiny_run: Path) -> Iterator[tuple[str, int]]:
     """`digitlab serve` as users start it, in a subprocess on a free loopback port."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "digitlab", "serve", str(tiny_run), "--host", "127.0.0.1", "--port", str(port)]
     log = open(Path(tiny_run).parent / f"serve-{port}.log", "w+b")  # noqa: SIM115 (closed below)

@@ -175,8 +175,7 @@ class TrainConfig:
     tensorboard: bool = False
     # replay each training step as CUDA graphs (digitlab.cudagraph). None: wherever they can be used
     # (one CUDA device, torch >= 2.11; 3x faster on an H100, benchmarks/RESULTS.md), eager elsewhere
-    # without a word;
-    # True: asked for, so a run that cannot use them says why; False: eager
+    # without a word; True: asked for, so a run that cannot use them says why; False: eager
     cuda_graphs: bool | None = None  # one of SPEED_ONLY_FIELDS
 
     def validate(self) -> TrainConfig:
